@@ -1,0 +1,1 @@
+"""hotcold.cli: thin command-line front ends over the Python API."""

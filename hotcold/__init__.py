@@ -1,0 +1,2 @@
+"""hotcold: quantized inference for Mixture-of-Experts models with hot/cold expert tiers."""
+__version__ = "0.1.0"
