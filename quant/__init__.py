@@ -25,12 +25,6 @@ __all__ = [
 ]
 
 
-def _allocating(kernel: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray, np.ndarray], None]:
-    def run(x: np.ndarray, out: np.ndarray) -> None:
-        out[...] = kernel(x)
-    return run
-
-
 # Row quantizers: float32 (rows, n) -> fill uint8 (rows, row_bytes).
 _QUANTIZERS: dict[QType, Callable[[np.ndarray, np.ndarray], None]] = {
     QType.Q4_0: legacy.quantize_rows_q4_0,
@@ -40,12 +34,12 @@ _QUANTIZERS: dict[QType, Callable[[np.ndarray, np.ndarray], None]] = {
     QType.Q8_0: legacy.quantize_rows_q8_0,
     QType.IQ4_NL: legacy.quantize_rows_iq4_nl,
     QType.MXFP4: legacy.quantize_rows_mxfp4,
-    QType.Q2_K: _allocating(kquants.quantize_rows_q2_k),
-    QType.Q3_K: _allocating(kquants.quantize_rows_q3_k),
-    QType.Q4_K: _allocating(kquants.quantize_rows_q4_k),
-    QType.Q5_K: _allocating(kquants.quantize_rows_q5_k),
-    QType.Q6_K: _allocating(kquants.quantize_rows_q6_k),
-    QType.Q8_K: _allocating(kquants.quantize_rows_q8_k),
+    QType.Q2_K: kquants.quantize_rows_q2_k,
+    QType.Q3_K: kquants.quantize_rows_q3_k,
+    QType.Q4_K: kquants.quantize_rows_q4_k,
+    QType.Q5_K: kquants.quantize_rows_q5_k,
+    QType.Q6_K: kquants.quantize_rows_q6_k,
+    QType.Q8_K: kquants.quantize_rows_q8_k,
 }
 
 
@@ -77,7 +71,11 @@ def quantize(x: np.ndarray, qtype: QTypeLike) -> np.ndarray:
     if t == QType.F32:
         return x.view(np.uint8).reshape(shape)
     if t == QType.F16:
-        return x.astype(np.float16).view(np.uint8).reshape(shape)
+        h = x.astype(np.float16)
+        if not np.isfinite(h).all():  # llama.cpp's ggml_validate_row_data refuses these too
+            big = float(np.abs(x).max())
+            raise QuantError(f"cannot store {big:g} as F16 (largest is 65504); use BF16 or F32 for this tensor")
+        return h.view(np.uint8).reshape(shape)
     if t == QType.BF16:
         return _to_bf16(x).view(np.uint8).reshape(shape)
     rows = x.reshape(-1, x.shape[-1]) if x.size else x.reshape(0, max(x.shape[-1], 1))

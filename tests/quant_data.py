@@ -16,7 +16,7 @@ def families(rows: int, cols: int, seed: int = 0) -> dict[str, np.ndarray]:
     degenerate[1::4] = 0.5                       # constant rows
     degenerate[2::4] = -3.0
     degenerate[3::4, :37] = 0.0                  # zero prefix, crossing block boundaries
-    mixed = normal * (10.0 ** (np.arange(rows) % 13 - 6)).astype(np.float32)[:, None]
+    mixed = normal * (10.0 ** (np.arange(rows) % 10 - 6)).astype(np.float32)[:, None]  # inside the fp16 range
     return {
         "normal": normal,
         "outliers": outliers,
@@ -27,4 +27,5 @@ def families(rows: int, cols: int, seed: int = 0) -> dict[str, np.ndarray]:
         "huge": (normal * np.float32(1e4)).astype(np.float32),
         "mixed_scales": mixed.astype(np.float32),
         "positive": np.abs(normal) + np.float32(2.0),                 # min > 0 paths of the K-quants
+        "signed_zeros": np.where(normal > 0.5, normal, np.float32(-0.0)).astype(np.float32),
     }

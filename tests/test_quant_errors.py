@@ -63,3 +63,9 @@ def test_shapes_follow_gguf_py() -> None:
         assert q.dtype == np.uint8
         assert q.shape == gguf.quants.quant_shape_to_byte_shape(x.shape, t)
         assert dequantize(q, t).shape == x.shape
+
+
+def test_f16_overflow_names_the_value_and_the_fix() -> None:
+    x = np.full((1, 32), 1e6, dtype=np.float32)
+    with pytest.raises(QuantError, match=r"1e\+06 as F16.*use BF16 or F32"):
+        quantize(x, "F16")
