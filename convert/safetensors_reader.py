@@ -81,10 +81,12 @@ class SafetensorsFile:
         buf = self._map()[self._base + t.start:self._base + t.end]
         return buf.view(_DTYPES[t.dtype]).reshape(t.shape)
 
-    def float32(self, name: str) -> np.ndarray:
-        """The tensor as a new float32 array (bf16 widened exactly)."""
+    def float32(self, name: str, index: int | None = None) -> np.ndarray:
+        """The tensor, or its slice `index` along axis 0, as a new float32 array (bf16 widened exactly)."""
         t = self.tensors[name]
         a = self.raw(name)
+        if index is not None:
+            a = a[index]
         if t.dtype == "BF16":
             return (a.astype(np.uint32) << 16).view(np.float32)
         return a.astype(np.float32)
