@@ -7,6 +7,7 @@ little-endian tensors, so reading it with np.memmap is exact and copies nothing 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,15 +82,32 @@ class SafetensorsFile:
         buf = self._map()[self._base + t.start:self._base + t.end]
         return buf.view(_DTYPES[t.dtype]).reshape(t.shape)
 
+    def read(self, name: str, index: int | None = None) -> np.ndarray:
+        """A copy of the tensor (or its slice `index` along axis 0) read with pread, not mapped: a converter
+        streaming a large checkpoint then keeps no file pages resident (RSS stays near one tensor)."""
+        t = self.tensors[name]
+        dtype = _DTYPES[t.dtype]
+        shape, start, n = t.shape, t.start, t.nbytes
+        if index is not None:
+            if not 0 <= index < shape[0]:
+                raise IndexError(f"{name}: index {index} out of range for {shape[0]}")
+            n //= shape[0]
+            start += index * n
+            shape = shape[1:]
+        buf = np.empty(n, dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            got = os.preadv(f.fileno(), [buf], self._base + start)
+        if got != n:
+            raise CheckpointError(f"{self.path}: short read of tensor {name}; the file is truncated")
+        return buf.view(dtype).reshape(shape)
+
     def float32(self, name: str, index: int | None = None) -> np.ndarray:
         """The tensor, or its slice `index` along axis 0, as a new float32 array (bf16 widened exactly)."""
         t = self.tensors[name]
-        a = self.raw(name)
-        if index is not None:
-            a = a[index]
+        a = self.read(name, index)
         if t.dtype == "BF16":
             return (a.astype(np.uint32) << 16).view(np.float32)
-        return a.astype(np.float32)
+        return a.astype(np.float32, copy=False)
 
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors.values())

@@ -11,7 +11,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .fp import e8m0_to_f32_half, f32_to_f16, nearest_int
+from .fp import e8m0_to_f32_half, f32_to_f16
 
 QK = 32
 F32 = np.float32

@@ -8,20 +8,17 @@ conversion) in a subprocess and compare every tokenizer.* key, its value types a
   source (models/ggml-vocab-*.gguf). The reference names their pre-tokenizer by hashing their
   encoding of a test string, so these cases also check the names we derive from the declaration.
 
-The reference converter is found through HOTCOLD_LLAMA_CPP_SRC (its script, the llama.cpp tree, or a
-llama-cpp-python source tree), else under /work/ref/llama_cpp_python-*; it needs torch and
+The reference converter is found (or fetched) by reference_convert.source_tree(); it needs torch and
 transformers. Without them the oracle tests are skipped.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import struct
 import subprocess
-import sys
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,8 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
+
+import reference_convert
 
 from hotcold.convert.vocab import (
     PRE_TOKENIZERS, Vocab, VocabError, load_vocab, pre_tokenizer_name, write_vocab,
@@ -362,37 +361,23 @@ def test_write_checks_size(tmp_path: Path) -> None:
 
 # ---- oracle: llama.cpp's convert_hf_to_gguf.py -------------------------------------------------------
 
-def reference_converter() -> Path | None:
-    env = os.environ.get("HOTCOLD_LLAMA_CPP_SRC")
-    if env:
-        p = Path(env)
-        candidates = [p, p / "convert_hf_to_gguf.py", p / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"]
-    else:
-        candidates = sorted(Path("/work/ref").glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"),
-                            reverse=True)
-    return next((c for c in candidates if c.is_file() and c.name == "convert_hf_to_gguf.py"), None)
-
-
 @pytest.fixture(scope="module")
 def converter() -> Path:
-    script = reference_converter()
-    if script is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set HOTCOLD_LLAMA_CPP_SRC)")
+    """The llama.cpp source tree (reference_convert finds or fetches it)."""
     for module in ("torch", "transformers", "sentencepiece"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"the reference converter needs {module}")
-    return script
+    tree = reference_convert.source_tree()
+    if tree is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (set HOTCOLD_LLAMA_CPP_SRC)")
+    return tree
 
 
-def run_reference(script: Path, model_dir: Path, out: Path) -> Path:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(script.parent / "gguf-py"), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(script), str(model_dir), "--outfile", str(out),
-                           "--outtype", "f32", "--vocab-only"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"reference converter failed on {model_dir}:\n{proc.stderr[-4000:]}")
-    return out
+def run_reference(tree: Path, model_dir: Path, out: Path) -> Path:
+    try:
+        return reference_convert.convert(model_dir, out, "f32", vocab_only=True)
+    except subprocess.CalledProcessError as e:
+        pytest.fail(f"reference converter failed on {model_dir}:\n{e.stderr.decode()[-4000:]}")
 
 
 def assert_same_tokenizer_keys(mine: Path, ref: Path) -> None:
@@ -473,7 +458,7 @@ def rebuild_tokenizer(vocab_gguf: Path, name: str, d: Path) -> int:
 @pytest.mark.parametrize("name, source", [("gpt-2", "gpt-2"), ("olmo", "gpt-neox"), ("qwen2", "qwen2"),
                                           ("llama-bpe", "llama-bpe")])
 def test_bpe_matches_reference(converter: Path, tmp_path: Path, name: str, source: str) -> None:
-    vocab_gguf = converter.parent / "models" / f"ggml-vocab-{source}.gguf"
+    vocab_gguf = converter / "models" / f"ggml-vocab-{source}.gguf"
     if not vocab_gguf.is_file():
         pytest.skip(f"{vocab_gguf} not found")
     d = tmp_path / source
