@@ -1,0 +1,98 @@
+"""The model configuration: a frozen dataclass built once from GGUF metadata and tensor shapes.
+
+Per-architecture behaviour is data, not code paths: each supported GGUF architecture maps to an
+ArchSpec (rope style, q/k norm, router normalisation), as llama.cpp's src/models/<arch>.cpp set them.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from gguf import Keys
+
+from .gguf_file import GGUFError, GGUFFile
+
+
+class RopeStyle(enum.Enum):
+    NORM = "norm"  # rotate adjacent pairs (x0, x1): llama, whose q/k rows the converter permuted
+    NEOX = "neox"  # rotate halves (x_i, x_{i+d/2}): qwen2/3, qwen2/3-moe, olmoe
+
+
+class QKNorm(enum.Enum):
+    NONE = "none"
+    PER_HEAD = "per_head"  # RMSNorm over each head's dims (qwen3, qwen3moe)
+    FULL = "full"          # RMSNorm over the whole q / k projection (olmoe)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    rope: RopeStyle
+    qk_norm: QKNorm
+    norm_topk: bool        # renormalise the selected experts' softmax weights to sum to 1
+    shared_expert: bool    # qwen2moe's always-on expert behind a sigmoid gate
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": ArchSpec(RopeStyle.NORM, QKNorm.NONE, norm_topk=True, shared_expert=False),
+    "qwen2": ArchSpec(RopeStyle.NEOX, QKNorm.NONE, norm_topk=False, shared_expert=False),
+    "qwen3": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD, norm_topk=False, shared_expert=False),
+    "qwen2moe": ArchSpec(RopeStyle.NEOX, QKNorm.NONE, norm_topk=False, shared_expert=True),
+    "qwen3moe": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD, norm_topk=True, shared_expert=False),
+    "olmoe": ArchSpec(RopeStyle.NEOX, QKNorm.FULL, norm_topk=False, shared_expert=False),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    spec: ArchSpec
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx_train: int
+    rope_base: float
+    rope_dim: int
+    rope_freq_scale: float
+    rms_eps: float
+    n_expert: int          # 0 for a dense model
+    n_expert_used: int
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> "ModelConfig":
+        arch = f.get(Keys.General.ARCHITECTURE)
+        if arch not in ARCHS:
+            raise GGUFError(f"{f.path}: architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHS))}")
+
+        def key(k: str, default: object = None) -> object:
+            v = f.get(k.format(arch=arch), default)
+            if v is None:
+                raise GGUFError(f"{f.path}: metadata key {k.format(arch=arch)} is missing")
+            return v
+
+        n_embd = int(key(Keys.LLM.EMBEDDING_LENGTH))
+        n_head = int(key(Keys.Attention.HEAD_COUNT))
+        head_dim = int(key(Keys.Attention.KEY_LENGTH, n_embd // n_head))
+        emb = f.tensors.get("token_embd.weight")
+        if emb is None:
+            raise GGUFError(f"{f.path}: tensor token_embd.weight is missing")
+        scale_type = f.get(Keys.Rope.SCALING_TYPE.format(arch=arch), "none")
+        factor = float(f.get(Keys.Rope.SCALING_FACTOR.format(arch=arch), 1.0)) if scale_type == "linear" else 1.0
+        if scale_type not in ("none", "linear"):
+            raise GGUFError(f"{f.path}: rope scaling {scale_type!r} is not supported yet (none, linear are)")
+        return cls(
+            arch=arch, spec=ARCHS[arch], n_vocab=emb.shape[0], n_embd=n_embd,
+            n_layer=int(key(Keys.LLM.BLOCK_COUNT)), n_head=n_head,
+            n_head_kv=int(key(Keys.Attention.HEAD_COUNT_KV, n_head)), head_dim=head_dim,
+            n_ctx_train=int(key(Keys.LLM.CONTEXT_LENGTH, 4096)),
+            rope_base=float(key(Keys.Rope.FREQ_BASE, 10000.0)),
+            rope_dim=int(key(Keys.Rope.DIMENSION_COUNT, head_dim)), rope_freq_scale=1.0 / factor,
+            rms_eps=float(key(Keys.Attention.LAYERNORM_RMS_EPS)),
+            n_expert=int(key(Keys.LLM.EXPERT_COUNT, 0)), n_expert_used=int(key(Keys.LLM.EXPERT_USED_COUNT, 0)),
+        )
