@@ -53,11 +53,6 @@ class ConvertResult:
     fallbacks: tuple[str, ...]  # "name: wanted -> used" lines, as llama-quantize warns them
 
 
-def cold_path_for(out: Path) -> Path:
-    """OUT.gguf -> OUT.cold.gguf, next to the main file."""
-    return out.with_name(out.name[:-5] + ".cold.gguf" if out.name.endswith(".gguf") else out.name + ".cold.gguf")
-
-
 def convert(model_dir: str | Path, out: str | Path, *, type: str = "q8_0", expert_type: str | None = None,
             tensor_type: Iterable[str] = (), cold_type: str | None = "q4_k", progress: bool = True) -> ConvertResult:
     """Convert `model_dir` to `out` (and `OUT.cold.gguf` unless cold_type is None or "none")."""
@@ -95,7 +90,7 @@ def convert(model_dir: str | Path, out: str | Path, *, type: str = "q8_0", exper
                     hash_key=keys.EXPERTS_SHA256 if has_experts else None)
     cold_out = None
     if cold is not None:
-        cold_out = cold_path_for(out)
+        cold_out = keys.cold_path_for(out)
         cold_types = {t.name: (fit(cold, t.shape[-1]) if t.role == Role.EXPERT else types[t.name]) for t in plan}
         extra = {keys.COLD_OF: digest, keys.COLD_TYPE: cold.name}
         try:

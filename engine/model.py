@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
 from .config import ModelConfig, QKNorm, RopeStyle
 from .gguf_file import GGUFFile
-from .moe import Expert, ExpertStore, Routing, moe_forward, swiglu
+from .moe import Expert, ExpertStore, Plan, Routing, SelectionBias, moe_forward, route, swiglu
 from .weights import QMatrix, QStack, WeightReader
 
 
@@ -41,14 +42,18 @@ class MmapExperts:
     """The plain expert store: every expert read straight from the memory-mapped file."""
 
     def __init__(self, blocks: list[Block]) -> None:
-        self.blocks = blocks
+        self.experts = [[Expert(b.ffn_gate_exps[e], b.ffn_up_exps[e], b.ffn_down_exps[e])
+                         for e in range(b.ffn_gate_exps.count)] if b.ffn_gate_exps is not None else []
+                        for b in blocks]
 
-    def prepare(self, layer: int, routing: Routing) -> None:
+    def bias(self, layer: int) -> SelectionBias | None:
+        return None
+
+    def prepare(self, layer: int, routing: Routing) -> Plan:
+        return Plan(self.experts[layer], routing.weights)
+
+    def prefetch(self, layer: int, experts: np.ndarray) -> None:
         pass
-
-    def get(self, layer: int, expert: int, weight: float) -> Expert | None:
-        b = self.blocks[layer]
-        return Expert(b.ffn_gate_exps[expert], b.ffn_up_exps[expert], b.ffn_down_exps[expert])
 
 
 def _opt_vector(w: WeightReader, name: str) -> np.ndarray | None:
@@ -83,14 +88,15 @@ def load_blocks(cfg: ModelConfig, w: WeightReader) -> list[Block]:
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x / sqrt(mean(x^2) + eps) * w over the last axis (ggml_rms_norm then ggml_mul)."""
-    ms = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
-    return (x / np.sqrt(ms + eps)).astype(np.float32) * w
+    out = np.empty(x.shape, dtype=np.float32)
+    kernels.rms_norm(x.reshape(-1, x.shape[-1]), w, eps, out.reshape(-1, x.shape[-1]))
+    return out
 
 
 class Transformer:
     """Weights, rope tables and the KV cache of one context; forward() appends tokens to it."""
 
-    def __init__(self, f: GGUFFile, n_ctx: int, store: ExpertStore | None = None) -> None:
+    def __init__(self, f: GGUFFile, n_ctx: int, store: ExpertStore | None = None, prefetch: int = 0) -> None:
         self.cfg = cfg = ModelConfig.from_gguf(f)
         w = WeightReader(f)
         self.token_embd = "token_embd.weight"
@@ -99,6 +105,7 @@ class Transformer:
         self.output = w.matrix("output.weight") if w.has("output.weight") else w.matrix("token_embd.weight")
         self.blocks = load_blocks(cfg, w)
         self.experts: ExpertStore = store or MmapExperts(self.blocks)
+        self.prefetch = prefetch  # later layers whose routers predict experts from this layer's input
         self.n_ctx = n_ctx
         kv = (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim)
         self.k_cache = np.zeros(kv, dtype=np.float32)
@@ -114,20 +121,6 @@ class Transformer:
     def reset(self) -> None:
         self.n_past = 0
 
-    def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Rotate x (T, heads, head_dim) in place at positions pos (T,)."""
-        cos, sin = self.rope_cos[pos][:, None, :], self.rope_sin[pos][:, None, :]   # (T, 1, d/2)
-        d = self.cfg.rope_dim
-        if self.cfg.spec.rope == RopeStyle.NORM:
-            a, b = x[..., 0:d:2].copy(), x[..., 1:d:2].copy()
-            x[..., 0:d:2] = a * cos - b * sin
-            x[..., 1:d:2] = a * sin + b * cos
-        else:
-            a, b = x[..., : d // 2].copy(), x[..., d // 2: d].copy()
-            x[..., : d // 2] = a * cos - b * sin
-            x[..., d // 2: d] = a * sin + b * cos
-        return x
-
     def _attention(self, b: Block, il: int, h: np.ndarray, pos: np.ndarray) -> np.ndarray:
         cfg = self.cfg
         T, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.n_head, cfg.n_head_kv
@@ -141,20 +134,14 @@ class Transformer:
         q, k, v = q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
         if cfg.spec.qk_norm == QKNorm.PER_HEAD:                                 # qwen3: per head
             q, k = rms_norm(q, b.attn_q_norm, cfg.rms_eps), rms_norm(k, b.attn_k_norm, cfg.rms_eps)
-        q, k = self._rope(q, pos), self._rope(k, pos)                            # (T, heads, hd)
+        neox = cfg.spec.rope == RopeStyle.NEOX
+        kernels.rope(q, pos, self.rope_cos, self.rope_sin, neox)               # (T, nh, hd) in place
+        kernels.rope(k, pos, self.rope_cos, self.rope_sin, neox)               # (T, nkv, hd) in place
         p0 = int(pos[0])
         self.k_cache[il, p0:p0 + T] = k                                         # append to the cache
         self.v_cache[il, p0:p0 + T] = v
-        n = p0 + T
-        K, V = self.k_cache[il, :n], self.v_cache[il, :n]                        # (n, nkv, hd)
-        g = nh // nkv
-        qg = q.reshape(T, nkv, g, hd).transpose(1, 2, 0, 3)                     # (nkv, g, T, hd)
-        s = np.matmul(qg, K.transpose(1, 2, 0)[:, None]) / np.sqrt(hd)          # (nkv, g, T, n)
-        s += np.where(np.arange(n)[None, :] > pos[:, None], -np.inf, 0.0).astype(np.float32)  # causal mask
-        s = np.exp(s - s.max(axis=-1, keepdims=True))
-        s /= s.sum(axis=-1, keepdims=True)
-        o = np.matmul(s, V.transpose(1, 0, 2)[:, None])                          # (nkv, g, T, hd)
-        o = np.ascontiguousarray(o.transpose(2, 0, 1, 3).reshape(T, nh * hd), dtype=np.float32)
+        o = np.empty((T, nh * hd), dtype=np.float32)
+        kernels.attention(q, self.k_cache[il], self.v_cache[il], p0, o)        # (T, nh*hd) causal softmax(qK^T)V
         return b.attn_output.apply(o)                                           # (T, n_embd)
 
     def _ffn(self, b: Block, il: int, h: np.ndarray) -> np.ndarray:
@@ -163,6 +150,11 @@ class Transformer:
             return swiglu(b.ffn, h)                                             # dense SwiGLU
         out, routing = moe_forward(h, b.ffn_gate_inp, cfg.n_expert_used, cfg.spec.norm_topk, self.experts, il)
         self.last_routing[il] = routing
+        for ahead in range(il + 1, min(il + 1 + self.prefetch, cfg.n_layer)):  # HOBBIT: next layers' gates on h
+            router = self.blocks[ahead].ffn_gate_inp
+            if router is not None:
+                guess = route(h @ router.T, cfg.n_expert_used, cfg.spec.norm_topk, self.experts.bias(ahead))
+                self.experts.prefetch(ahead, guess.experts)                     # (T, k) predicted
         if b.shexp is not None:                                                 # shared expert, sigmoid-gated
             gate = 1.0 / (1.0 + np.exp(-(h @ b.ffn_gate_inp_shexp)))            # (T,)
             out += gate[:, None].astype(np.float32) * swiglu(b.shexp, h)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hotcold.quant import QType, dequantize
-from hotcold.quant.kernels import matmul, matvec
+from hotcold.quant.kernels import MATMUL, MATVEC, prepare_weights
 
 from .gguf_file import GGUFError, GGUFFile
 
@@ -19,12 +19,21 @@ class QMatrix:
     rows: int
     cols: int
 
+    def __post_init__(self) -> None:
+        # validated once here, so apply() calls the kernels directly (no per-call checks or copies)
+        object.__setattr__(self, "_w", prepare_weights(self.raw, self.qtype, self.cols))
+
     def apply(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """x (n, cols) float32 -> (n, rows); a single row takes the GEMV kernel."""
-        if x.shape[0] == 1:
-            res = matvec(self.raw, self.qtype, x[0], None if out is None else out[0])
-            return res[None, :] if out is None else out
-        return matmul(self.raw, self.qtype, x, out)
+        """x (n, cols) float32 C-contiguous -> (n, rows); a single row takes the GEMV kernel."""
+        n = x.shape[0]
+        if out is None:
+            out = np.empty((n, self.rows), dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if n == 1:
+            MATVEC[self.qtype](self._w, x[0], out[0])
+        elif n:
+            MATMUL[self.qtype](self._w, x, out)
+        return out
 
     @property
     def nbytes(self) -> int:

@@ -1,10 +1,18 @@
-"""GGUF metadata keys hotcold adds to the files it writes (llama.cpp's own keys are gguf.Keys).
+"""GGUF metadata keys hotcold adds to the files it writes (llama.cpp's own keys are gguf.Keys), and
+the name of the cold-copy file next to a main file.
 
 llama.cpp ignores keys it does not know, so these keep converted files loadable by it.
 """
+from pathlib import Path
 
 # sha256 over the main file's expert tensors (names, types, shapes and bytes, in file order).
 EXPERTS_SHA256 = "hotcold.experts.sha256"
 # In OUT.cold.gguf: the EXPERTS_SHA256 of the main file these cold copies belong to, and their type.
 COLD_OF = "hotcold.cold.experts_of"
 COLD_TYPE = "hotcold.cold.type"
+
+
+def cold_path_for(out: Path) -> Path:
+    """OUT.gguf -> OUT.cold.gguf, next to the main file."""
+    out = Path(out)
+    return out.with_name(out.name[:-5] + ".cold.gguf" if out.name.endswith(".gguf") else out.name + ".cold.gguf")

@@ -1,0 +1,125 @@
+"""Numba kernels for the float parts of a transformer block: RMSNorm, RoPE, causal attention over the KV cache.
+
+One call each instead of a dozen numpy temporaries: at decode (one token) Python overhead, not arithmetic,
+is the cost. Semantics follow ggml: ggml_rms_norm (mean of squares in float64 here, as ggml sums in
+ggml_float), ggml_rope_ext modes NORM and NEOX, and soft_max_ext with the causal mask.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+F32 = np.float32
+
+
+@njit(cache=True, fastmath={"contract"})
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w for each row t of x (T, n)."""
+    T, n = x.shape
+    for t in range(T):
+        ss = 0.0
+        for i in range(n):
+            ss += float(x[t, i]) * float(x[t, i])
+        scale = F32(1.0 / math.sqrt(ss / n + eps))
+        for i in range(n):
+            out[t, i] = F32(x[t, i] * scale) * w[i]
+
+
+@njit(cache=True, fastmath={"contract"})
+def rope(x: np.ndarray, pos: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
+    """Rotate x (T, heads, head_dim) in place by the angles of positions pos (T,): NORM pairs adjacent
+    dims (2i, 2i+1), NEOX pairs dims i and i + d/2; only the first 2 * cos.shape[1] dims rotate."""
+    T, H, _ = x.shape
+    half = cos.shape[1]
+    for t in range(T):
+        p = pos[t]
+        for h in range(H):
+            for i in range(half):
+                c, s = cos[p, i], sin[p, i]
+                i0, i1 = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                a, b = x[t, h, i0], x[t, h, i1]
+                x[t, h, i0] = a * c - b * s
+                x[t, h, i1] = a * s + b * c
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarray) -> None:
+    """Causal grouped-query attention: q (T, n_head, d) at positions p0.., k/v (n_ctx, n_head_kv, d) filled up
+    to p0 + T; out (T, n_head * d). Each (token, head) is one task; the softmax is max-subtracted."""
+    T, nh, d = q.shape
+    g = nh // k.shape[1]
+    scale = F32(1.0 / math.sqrt(d))
+    for task in prange(T * nh):
+        t, h = task // nh, task % nh
+        kv = h // g
+        n = p0 + t + 1
+        s = np.empty(n, dtype=F32)
+        m = F32(-np.inf)
+        for j in range(n):
+            acc = F32(0)
+            for i in range(d):
+                acc += q[t, h, i] * k[j, kv, i]
+            s[j] = acc * scale
+            m = max(m, s[j])
+        total = F32(0)
+        for j in range(n):
+            s[j] = math.exp(s[j] - m)
+            total += s[j]
+        o = out[t, h * d:(h + 1) * d]
+        o[:] = 0
+        for j in range(n):
+            pj = s[j] / total
+            for i in range(d):
+                o[i] += pj * v[j, kv, i]
+
+
+@njit(cache=True, fastmath={"contract"})
+def silu_mul(g: np.ndarray, u: np.ndarray) -> None:
+    """g = silu(g) * u in place (SwiGLU's gate)."""
+    gf, uf = g.reshape(-1), u.reshape(-1)
+    for i in range(gf.shape[0]):
+        gf[i] = gf[i] / (F32(1) + math.exp(-gf[i])) * uf[i]
+
+
+@njit(cache=True, inline="always")
+def _softmax(x: np.ndarray, out: np.ndarray) -> None:
+    m = x.max()
+    total = F32(0)
+    for i in range(x.shape[0]):
+        out[i] = math.exp(x[i] - m)
+        total += out[i]
+    for i in range(x.shape[0]):
+        out[i] /= total
+
+
+@njit(cache=True)
+def route_topk(logits: np.ndarray, k: int, norm: bool, logit_bias: np.ndarray, prob_bias: np.ndarray,
+               ids: np.ndarray, weights: np.ndarray) -> None:
+    """build_moe_ffn's gating per token: softmax, top-k (ties to the lower id), optional renormalisation.
+    Non-empty biases steer the choice only (MoE-ERAS): the weights are the unbiased probabilities."""
+    T, E = logits.shape
+    probs = np.empty(E, dtype=F32)
+    score = np.empty(E, dtype=F32)
+    for t in range(T):
+        _softmax(logits[t], probs)
+        if logit_bias.shape[0]:
+            _softmax(logits[t] + logit_bias, score)
+        else:
+            score[:] = probs
+        if prob_bias.shape[0]:
+            score += prob_bias
+        total = F32(0)
+        for j in range(k):
+            best = 0
+            for e in range(1, E):
+                if score[e] > score[best]:
+                    best = e
+            ids[t, j] = best
+            weights[t, j] = probs[best]
+            total += probs[best]
+            score[best] = -np.inf
+        if norm:
+            for j in range(k):
+                weights[t, j] /= total

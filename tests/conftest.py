@@ -1,0 +1,18 @@
+"""Shared fixtures: the shipped trained model converted once per session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import tiny_models
+
+TRAINED = tiny_models.REPO / "models" / "mixtral-trained"
+
+
+@pytest.fixture(scope="session")
+def trained_q8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models/mixtral-trained at Q8_0 with its Q4_K cold copies (trained-q8_0.cold.gguf beside it)."""
+    from hotcold.convert import convert
+    out = tmp_path_factory.mktemp("trained") / "trained-q8_0.gguf"
+    return convert(TRAINED, out, type="q8_0", cold_type="q4_k", progress=False).path
