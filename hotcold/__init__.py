@@ -1,2 +1,10 @@
 """hotcold: quantized inference for Mixture-of-Experts models with hot/cold expert tiers."""
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `hotcold.Model` without importing the engine (and compiling kernels) on `import hotcold`.
+    if name == "Model":
+        from hotcold.engine.api import Model
+        return Model
+    raise AttributeError(name)

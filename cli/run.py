@@ -1,0 +1,140 @@
+"""moe-run: one-shot completion (-p) or interactive chat over a GGUF model, streamed to stdout.
+
+Generated text goes to stdout, flushed per piece; logs, timings and errors go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from hotcold.engine.api import Model
+from hotcold.engine.chat import ChatTemplateError
+from hotcold.engine.gguf_file import GGUFError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-run", description="Run a GGUF MoE model: `-p PROMPT` for a one-shot "
+                                "completion, no -p for an interactive chat (the model's chat template).")
+    p.add_argument("model", help="GGUF file (from moe-convert or llama.cpp)")
+    p.add_argument("-p", "--prompt", help="complete this prompt and exit")
+    p.add_argument("-n", "--n-predict", type=int, default=256, help="tokens to generate (default 256; -1: until EOS)")
+    p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p, 1 = off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    p.add_argument("-sys", "--system", default=None, help="system message for the chat")
+    p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward batch (default 512)")
+    p.add_argument("--verbose", action="store_true", help="print load time and prompt/decode speed to stderr")
+    r = p.add_argument_group("expert residency (see README)")
+    r.add_argument("--expert-budget", default=None,
+                   help="hot expert arena size: a share like 25%% or a size like 2GiB (default: no cache)")
+    r.add_argument("--cache-policy", default="lru", choices=["lru", "lfu", "lifo", "hobbit"], help="eviction policy")
+    r.add_argument("--miss", default="hot", choices=["hot", "cold", "adaptive"],
+                   help="a miss loads the hot copy, computes with the cold copy, or decides by gate weight")
+    r.add_argument("--eras-alpha", type=float, default=0.0, help="add to resident experts' routing probability")
+    r.add_argument("--eras-beta", type=float, default=0.0, help="lower non-resident logits by beta*(1-freq)")
+    r.add_argument("--prefetch", type=int, default=0, help="layers ahead to predict and load experts for (0 = off)")
+    r.add_argument("--cold", dest="cold_path", default=None, help="cold copies (default: MODEL.cold.gguf)")
+    r.add_argument("--stats", action="store_true", help="print per-layer expert cache statistics to stderr")
+    r.add_argument("--heatmap", default=None, metavar="PNG", help="save a layer x expert activation heatmap")
+    return p
+
+
+def _residency(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(expert_budget=args.expert_budget, cache_policy=args.cache_policy, miss=args.miss,
+                eras_alpha=args.eras_alpha, eras_beta=args.eras_beta, prefetch=args.prefetch, cold_path=args.cold_path)
+
+
+def _stats(m: Model) -> None:
+    s = m.expert_stats()
+    cols = ("tokens", "hits", "misses", "cold", "skipped", "loads", "bytes_moved")
+    print("layer " + " ".join(f"{c:>11}" for c in cols) + "   prefetch", file=sys.stderr)
+    for i, layer in enumerate(s["layers"]):
+        acc = f"{layer['predicted_right'] / layer['predicted']:.2f}" if layer["predicted"] else "-"
+        print(f"{i:5d} " + " ".join(f"{layer[c]:>11}" for c in cols) + f"   {acc:>8}", file=sys.stderr)
+    acc = f"{s['prefetch_accuracy']:.2f}" if s["prefetch_accuracy"] is not None else "-"
+    print("total " + " ".join(f"{s[c]:>11}" for c in cols) + f"   {acc:>8}", file=sys.stderr)
+    if s["tokens"]:
+        print(f"per token: {s['misses'] / s['tokens']:.2f} misses, {s['bytes_moved'] / s['tokens'] / 2**20:.3f} MiB moved",
+              file=sys.stderr)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop or None,
+                ignore_eos=args.ignore_eos)
+
+
+def _stream(pieces) -> str:
+    text = []
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        text.append(piece)
+    return "".join(text)
+
+
+def _timings(m: Model) -> None:
+    t = m.timings
+    print(f"\nload: {t['load_s'] * 1000:.0f} ms", file=sys.stderr)
+    if t.get("prompt_tokens"):
+        print(f"prompt: {t['prompt_tokens']:.0f} tokens in {t['prompt_s'] * 1000:.0f} ms "
+              f"({t['prompt_tokens'] / max(t['prompt_s'], 1e-9):.1f} tokens/s)", file=sys.stderr)
+    if t.get("gen_tokens"):
+        print(f"decode: {t['gen_tokens']:.0f} tokens in {t['gen_s'] * 1000:.0f} ms "
+              f"({t['gen_tokens'] / max(t['gen_s'], 1e-9):.1f} tokens/s)", file=sys.stderr)
+
+
+def chat(m: Model, args: argparse.Namespace) -> None:
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = m.chat_template().render(history, add_generation_prompt=True)
+        ids = m.tokenize(prompt, add_bos=False, special=True)
+        reply = _stream(m.generate(ids, **_sampling(args)))
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply})
+        if args.verbose:
+            _timings(m)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        m = Model.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, seed=args.seed,
+                       n_batch=args.batch_size, **_residency(args))
+        if args.prompt is not None:
+            _stream(m.generate(args.prompt, **_sampling(args)))
+            print(flush=True)
+            if args.verbose:
+                _timings(m)
+        else:
+            chat(m, args)
+        if args.stats:
+            _stats(m)
+        if args.heatmap:
+            m.save_expert_heatmap(args.heatmap)
+            print(f"heatmap written to {args.heatmap}", file=sys.stderr)
+    except (GGUFError, ChatTemplateError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f"moe-run: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nmoe-run: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Expert residency: budgets, HOBBIT miss tiers, ERAS selection, the cache's invariants, and the whole
+engine with a hot budget against the plain engine (bit for bit where the rules promise it)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hotcold.engine.gguf_file import GGUFError
+from hotcold.engine.moe import Expert, Routing, SelectionBias, route
+from hotcold.engine.residency import Budget, MissMode, ResidencyOptions, Tier, eras_bias, miss_tiers
+from hotcold.engine.store import ExpertCache
+from hotcold.engine.weights import QMatrix
+from hotcold.quant import QType, quantize
+
+H, F = 32, 64
+
+
+def _matrix(rng: np.random.Generator, rows: int, cols: int, qtype: QType) -> QMatrix:
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    return QMatrix(quantize(w, qtype), qtype, rows, cols)
+
+
+def _experts(n_layer: int, n_expert: int, qtype: QType, seed: int = 0) -> list[list[Expert]]:
+    rng = np.random.default_rng(seed)
+    return [[Expert(_matrix(rng, F, H, qtype), _matrix(rng, F, H, qtype), _matrix(rng, H, F, qtype))
+             for _ in range(n_expert)] for _ in range(n_layer)]
+
+
+def _routing(ids: list[list[int]], weights: list[list[float]] | None = None) -> Routing:
+    e = np.array(ids, dtype=np.int64)
+    w = np.full(e.shape, 1.0 / e.shape[1], dtype=np.float32) if weights is None else np.array(weights, np.float32)
+    return Routing(e, w)
+
+
+# --- the rules -----------------------------------------------------------------------------------------
+
+def test_budget_parse() -> None:
+    assert Budget.parse("25%") == Budget(fraction=0.25)
+    assert Budget.parse(0.5) == Budget(fraction=0.5)
+    assert Budget.parse("2GiB") == Budget(nbytes=2 << 30)
+    assert Budget.parse("1.5 MB") == Budget(nbytes=1_500_000)
+    assert Budget.parse(4096) == Budget(nbytes=4096)
+    assert Budget(fraction=0.25).slots(32, 100) == 8
+    assert Budget(nbytes=950).slots(32, 100) == 9
+    assert Budget(nbytes=10**9).slots(32, 100) == 32
+    for bad in ("lots", "120%", "-5%", "2XB", -1, 1.5, True):
+        with pytest.raises(ValueError, match="expert_budget"):
+            Budget.parse(bad)
+
+
+def test_options_errors_name_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown miss mode 'warm'.*hot, cold, adaptive"):
+        ResidencyOptions.build("25%", miss="warm")
+    with pytest.raises(ValueError, match="unknown cache_policy"):
+        ResidencyOptions.build("25%", cache_policy="random")
+    with pytest.raises(ValueError, match="t1=0.9, t2=0.6"):
+        ResidencyOptions.build("25%", t1=0.9, t2=0.6)
+
+
+def test_miss_tiers_follow_the_weight_ranked_above() -> None:
+    # shares above each expert: 0, .5, .8, .95 -> hot (<= .6), hot, cold (<= .9), skip
+    t = miss_tiers(np.array([[0.5, 0.3, 0.15, 0.05]]), 0.6, 0.9)
+    assert t.tolist() == [[Tier.HOT, Tier.HOT, Tier.COLD, Tier.SKIP]]
+    # the same weights in another slot order and unnormalised (x0.5) give the same tiers per expert
+    t = miss_tiers(np.array([[0.025, 0.25, 0.075, 0.15]]), 0.6, 0.9)
+    assert t.tolist() == [[Tier.SKIP, Tier.HOT, Tier.COLD, Tier.HOT]]
+    # a dominant expert: the second has 0.7 above it -> cold; boundaries are inclusive
+    assert miss_tiers(np.array([[0.7, 0.3]]), 0.6, 0.9).tolist() == [[Tier.HOT, Tier.COLD]]
+    assert miss_tiers(np.array([[0.6, 0.4]]), 0.6, 0.9).tolist() == [[Tier.HOT, Tier.HOT]]
+    assert miss_tiers(np.array([[0.95, 0.05]]), 0.6, 0.9).tolist() == [[Tier.HOT, Tier.SKIP]]
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(1, 4))
+def test_top_expert_is_always_hot(seed: int, k: int, T: int) -> None:
+    w = np.random.default_rng(seed).random((T, k))
+    t = miss_tiers(w, 0.0, 0.0)
+    assert (t[np.arange(T), w.argmax(axis=1)] == Tier.HOT).all()
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(2, 16), st.booleans())
+def test_eras_zero_is_plain_top_k(seed: int, n_expert: int, norm: bool) -> None:
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((5, n_expert)).astype(np.float32)
+    resident = rng.random(n_expert) < 0.5
+    logit, prob = eras_bias(resident, rng.random(n_expert), 0.0, 0.0)
+    assert logit is None and prob is None
+    k = min(2, n_expert)
+    plain, zero = route(logits, k, norm), route(logits, k, norm, SelectionBias(np.zeros(n_expert, np.float32),
+                                                                                  np.zeros(n_expert, np.float32)))
+    assert np.array_equal(plain.experts, zero.experts) and np.array_equal(plain.weights, zero.weights)
+
+
+def test_eras_alpha_prefers_residents_and_keeps_gate_weights() -> None:
+    logits = np.log(np.array([[0.40, 0.35, 0.25]], dtype=np.float32))
+    resident = np.array([False, False, True])
+    assert route(logits, 1, False).experts.tolist() == [[0]]
+    _, prob = eras_bias(resident, np.zeros(3), alpha=0.2, beta=0.0)
+    r = route(logits, 1, False, SelectionBias(None, prob))
+    assert r.experts.tolist() == [[2]]                                # 0.25 + 0.2 > 0.40
+    assert r.weights[0, 0] == pytest.approx(0.25, rel=1e-6)           # the unbiased probability
+    _, prob = eras_bias(resident, np.zeros(3), alpha=0.1, beta=0.0)
+    assert route(logits, 1, False, SelectionBias(None, prob)).experts.tolist() == [[0]]
+
+
+def test_eras_beta_penalises_rarely_used_non_residents() -> None:
+    logits = np.array([[1.0, 0.9, 0.0]], dtype=np.float32)
+    resident = np.array([False, True, False])
+    logit, _ = eras_bias(resident, np.array([0.0, 0.0, 0.0]), alpha=0.0, beta=0.5)
+    assert logit.tolist() == [-0.5, 0.0, -0.5]
+    assert route(logits, 1, False, SelectionBias(logit, None)).experts.tolist() == [[1]]
+    logit, _ = eras_bias(resident, np.array([1.0, 0.0, 0.0]), alpha=0.0, beta=0.5)   # expert 0 always used
+    assert route(logits, 1, False, SelectionBias(logit, None)).experts.tolist() == [[0]]
+
+
+# --- the cache -----------------------------------------------------------------------------------------
+
+def _cache(budget: str | int, miss: str = "hot", policy: str = "lru", n_layer: int = 2, n_expert: int = 4,
+           **kw: float) -> ExpertCache:
+    opt = ResidencyOptions.build(budget, policy, miss, **kw)
+    cold = _experts(n_layer, n_expert, QType.Q8_0, seed=1) if miss != "hot" else None
+    return ExpertCache(_experts(n_layer, n_expert, QType.F32), opt, cold)
+
+
+def test_hot_misses_load_then_hit() -> None:
+    c = _cache("50%")                                            # 4 of 8 experts
+    c.prepare(0, _routing([[0, 1]]))
+    assert (c.stats[0].hits, c.stats[0].misses, c.stats[0].loads) == (0, 2, 2)
+    plan = c.prepare(0, _routing([[1, 0]]))
+    assert (c.stats[0].hits, c.stats[0].misses) == (2, 2)
+    assert plan.experts[0] is c.arena.experts[(0, 0)]
+    assert c.stats[0].bytes_moved == 2 * c.hot[0][0].nbytes
+
+
+def test_arena_copy_is_the_hot_expert() -> None:
+    c = _cache("100%")
+    plan = c.prepare(1, _routing([[3, 2]]))
+    for e in (2, 3):
+        for a, b in zip((plan.experts[e].gate, plan.experts[e].up, plan.experts[e].down),
+                        (c.hot[1][e].gate, c.hot[1][e].up, c.hot[1][e].down)):
+            assert np.array_equal(a.raw, b.raw) and not np.shares_memory(a.raw, b.raw)
+
+
+def test_selected_experts_are_not_evicted_by_their_own_layer() -> None:
+    c = _cache(2 * _experts(1, 1, QType.F32)[0][0].nbytes)      # 2 slots, k = 2
+    c.prepare(0, _routing([[0, 1]]))
+    c.prepare(0, _routing([[0, 2]]))                             # 0 is a hit and pinned: 1 goes
+    assert set(c.arena.slot_of) == {(0, 0), (0, 2)}
+
+
+def test_budget_below_one_selection_streams_from_the_mmap() -> None:
+    c = _cache(0)
+    plan = c.prepare(0, _routing([[0, 1]]))
+    assert c.arena.n_slots == 0 and plan.experts[0] is c.hot[0][0]
+    assert c.stats[0].bytes_moved == 2 * c.hot[0][0].nbytes
+
+
+def test_cold_misses_use_the_cold_copy_and_load_nothing() -> None:
+    c = _cache("50%", miss="cold")
+    plan = c.prepare(0, _routing([[0, 1]]))
+    assert plan.experts[0] is c.cold[0][0] and not c.arena.slot_of
+    assert (c.stats[0].cold, c.stats[0].loads) == (2, 0)
+    assert c.stats[0].bytes_moved == 2 * c.cold[0][0].nbytes
+
+
+def test_adaptive_misses_load_compute_cold_or_skip() -> None:
+    c = _cache("100%", miss="adaptive")
+    plan = c.prepare(0, _routing([[0, 1, 2, 3]], [[0.5, 0.3, 0.15, 0.05]]))
+    assert set(c.arena.slot_of) == {(0, 0), (0, 1)}
+    assert plan.experts[2] is c.cold[0][2] and 3 not in plan.experts
+    assert plan.weights.tolist()[0][3] == 0.0
+    assert (c.stats[0].hits, c.stats[0].misses, c.stats[0].cold, c.stats[0].skipped) == (0, 4, 1, 1)
+    c.prepare(0, _routing([[2, 0, 1, 3]], [[0.5, 0.3, 0.15, 0.05]]))   # 0, 1 hits even when ranked low
+    assert (c.stats[0].hits, c.stats[0].misses) == (2, 6)
+
+
+def test_miss_modes_other_than_hot_need_cold_copies() -> None:
+    with pytest.raises(ValueError, match="cold expert copies"):
+        ExpertCache(_experts(1, 2, QType.F32), ResidencyOptions.build("50%", miss="cold"), None)
+
+
+def test_prefetch_loads_predictions_and_scores_them() -> None:
+    c = _cache("100%")
+    c.prefetch(1, np.array([[0, 1]]))
+    assert c.stats[1].prefetched == 2 and (1, 0) in c.arena
+    c.prepare(1, _routing([[1, 2]]))
+    assert (c.stats[1].predicted, c.stats[1].predicted_right, c.stats[1].hits) == (2, 1, 1)
+    assert c.report()["prefetch_accuracy"] == 0.5
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.lists(st.integers(0, 5), min_size=1, max_size=3, unique=True)),
+                min_size=1, max_size=40),
+       st.integers(0, 8), st.sampled_from(["lru", "lfu", "lifo", "hobbit"]), st.sampled_from(["hot", "adaptive"]))
+def test_cache_invariants_under_random_accesses(accesses: list, slots: int, policy: str, miss: str) -> None:
+    c = _cache(slots * _experts(1, 1, QType.F32)[0][0].nbytes, miss=miss, policy=policy, n_layer=3, n_expert=6)
+    assert c.budget_bytes <= slots * c.arena.slot_bytes
+    seen = [0, 0, 0]
+    for layer, ids in accesses:
+        w = np.random.default_rng(len(ids)).random((1, len(ids))).astype(np.float32)
+        plan = c.prepare(layer, _routing([ids], w.tolist()))
+        seen[layer] += len(ids)
+        assert c.arena.used_bytes <= c.budget_bytes                       # the budget is never exceeded
+        assert len(c.arena.slot_of) + len(c.arena.free) == c.arena.n_slots
+        assert set(c.arena.slot_of) == set(c.arena.experts)
+        assert set(plan.experts) <= set(ids)                              # only selected experts computed
+        assert c.stats[layer].hits + c.stats[layer].misses == seen[layer]
+        if miss == "hot":                                                 # hot mode computes every selection
+            assert set(plan.experts) == set(ids)
+    total = c.report()
+    assert total["hits"] + total["misses"] == sum(len(ids) for _, ids in accesses)
+    assert total["hits"] == c.policy.hits or miss == "adaptive"
+
+
+# --- the whole engine ----------------------------------------------------------------------------------
+
+PROMPT = "The :mod:`pkgutil` module provides utilities for the import system, in particular package support."
+
+
+def _load(path: Path, **kw):
+    from hotcold.engine.api import Model
+    return Model.load(path, n_ctx=128, **kw)
+
+
+def test_full_budget_equals_the_plain_engine_bit_for_bit(trained_q8: Path) -> None:
+    plain = _load(trained_q8)
+    ids = plain.tokenize(PROMPT)
+    full_batched = _load(trained_q8, expert_budget="100%")
+    assert np.array_equal(full_batched.logits(ids), plain.logits(ids))
+    full = _load(trained_q8, expert_budget="100%", n_batch=1)
+    assert np.array_equal(full.logits(ids), _load(trained_q8, n_batch=1).logits(ids))
+    s = full.expert_stats()
+    assert s["tokens"] == len(ids) and s["hits"] + s["misses"] == len(ids) * 4 * 2
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lifo", "hobbit"])
+def test_hot_misses_change_speed_never_results(trained_q8: Path, policy: str) -> None:
+    ids = _load(trained_q8).tokenize(PROMPT)
+    want = _load(trained_q8, n_batch=1).logits(ids)
+    m = _load(trained_q8, expert_budget="25%", cache_policy=policy, n_batch=1)
+    assert np.array_equal(m.logits(ids), want)
+    s = m.expert_stats()
+    assert s["misses"] > 0 and s["bytes_moved"] > 0 and s["resident"] == s["slots"] == 8
+
+
+def test_cold_and_adaptive_misses_stay_close(trained_q8: Path) -> None:
+    ids = _load(trained_q8).tokenize(PROMPT)
+    want = _load(trained_q8, n_batch=1).logits(ids)
+    for miss in ("cold", "adaptive"):
+        m = _load(trained_q8, expert_budget="25%", miss=miss, n_batch=1)
+        got = m.logits(ids)
+        assert not np.array_equal(got, want)
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+        assert m.expert_stats()["cold"] > 0
+
+
+def test_stats_reset_and_heatmap(trained_q8: Path, tmp_path: Path) -> None:
+    m = _load(trained_q8, expert_budget="25%", prefetch=1, n_batch=1)
+    m.logits(m.tokenize(PROMPT))
+    s = m.expert_stats()
+    assert 0.0 <= s["prefetch_accuracy"] <= 1.0 and np.array(s["activations"]).sum() == s["tokens"] * 4 * 2
+    pytest.importorskip("matplotlib")
+    assert m.save_expert_heatmap(tmp_path / "h.png").stat().st_size > 1000
+    m.reset_expert_stats()
+    assert m.expert_stats()["tokens"] == 0
+
+
+def test_cold_file_missing_or_foreign_is_a_clear_error(trained_q8: Path, tmp_path: Path) -> None:
+    lone = tmp_path / "lone.gguf"
+    shutil.copy(trained_q8, lone)
+    with pytest.raises(FileNotFoundError, match="lone.cold.gguf not found.*moe-convert"):
+        _load(lone, expert_budget="25%", miss="cold")
+    with pytest.raises(GGUFError, match="not a hotcold cold-copy file"):
+        _load(trained_q8, expert_budget="25%", miss="cold", cold_path=trained_q8)
+    assert MissMode("adaptive") is MissMode.ADAPTIVE
