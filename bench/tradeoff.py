@@ -31,10 +31,15 @@ NAMED: dict[str, dict[str, Any]] = {
     "+ ERAS alpha 0.1": dict(cache_policy="lru", miss="hot", eras_alpha=0.1),
     "+ adaptive misses": dict(cache_policy="lru", miss="adaptive"),
     "+ prefetch 1": dict(cache_policy="lru", miss="hot", prefetch=1),
+    "ERAS + adaptive": dict(cache_policy="lru", miss="adaptive", eras_alpha=0.1),
     "ERAS + adaptive + prefetch": dict(cache_policy="lru", miss="adaptive", eras_alpha=0.1, prefetch=1),
     "ERAS + adaptive + prefetch, HOBBIT": dict(cache_policy="hobbit", miss="adaptive", eras_alpha=0.1, prefetch=1),
     "cold misses": dict(cache_policy="lru", miss="cold"),
     "ERAS + cold misses": dict(cache_policy="lru", miss="cold", eras_alpha=0.1),
+    "ERAS beta 1.0 + adaptive": dict(cache_policy="lru", miss="adaptive", eras_beta=1.0),
+    "LIFO + top-k (hot misses)": dict(cache_policy="lifo", miss="hot"),
+    "LFU + top-k (hot misses)": dict(cache_policy="lfu", miss="hot"),
+    "HOBBIT + top-k (hot misses)": dict(cache_policy="hobbit", miss="hot"),
 }
 
 
@@ -51,6 +56,7 @@ def held_out_text(text: Path | None) -> str:
 
 def evaluate(path: Path, ids: list[int], n_ctx: int, **options: Any) -> dict[str, Any]:
     from hotcold import Model
+    Model.load(path, n_ctx=n_ctx, n_batch=1, **options).logits(ids[:8])  # compile this path before timing it
     m = Model.load(path, n_ctx=n_ctx, n_batch=1, **options)
     t0 = time.perf_counter()
     ppl = m.perplexity(ids, n_ctx=n_ctx)

@@ -1,9 +1,10 @@
 """The tiered expert store: a byte-budgeted hot arena over the main file, cold copies from OUT.cold.gguf.
 
 Hot tier: full-precision experts copied from the mmap into a preallocated arena of equal slots (the
-budget), evicted by a policy (policies.py). Cold tier: the low-precision copies, memory-mapped. Misses
-are served hot, cold or skipped by the miss mode (HOBBIT); selection can prefer residents (MoE-ERAS);
-prefetch loads the experts the next layers' routers predict. Every decision is counted per layer.
+budget), evicted by a policy (policies.py); while slots are free every miss fills one, whatever the
+mode. Cold tier: the low-precision copies, memory-mapped. Misses that would evict are served hot, cold
+or skipped by the miss mode (HOBBIT); selection can prefer residents (MoE-ERAS); prefetch loads the
+experts the next layers' routers predict. Every decision is counted per layer.
 """
 from __future__ import annotations
 
@@ -79,15 +80,16 @@ def open_cold(main: GGUFFile, path: Path) -> GGUFFile:
     """The cold copies at `path`, checked to belong to `main`; errors say what to do."""
     if not path.is_file():
         raise FileNotFoundError(f"cold expert copies {path} not found: convert with `moe-convert MODEL {main.path}` "
-                                "(it writes them next to the main file), or use miss='hot'")
+                                "(it writes them next to the main file), or serve misses hot (miss='hot', --miss hot)")
     cold = GGUFFile(path)
     want, have = main.get(keys.EXPERTS_SHA256), cold.get(keys.COLD_OF)
     if have is None:
         raise GGUFError(f"{path} is not a hotcold cold-copy file (no {keys.COLD_OF}); give the OUT.cold.gguf "
                         "moe-convert wrote")
     if want is None:
-        raise GGUFError(f"{main.path} was not written by moe-convert (no {keys.EXPERTS_SHA256}), so {path} cannot "
-                        "be matched to it; convert the model with moe-convert, or use miss='hot'")
+        raise GGUFError(f"{main.path} was not written by moe-convert (no {keys.EXPERTS_SHA256}), so {path} "
+                        "cannot be matched to it; convert the model with moe-convert, or serve misses hot "
+                        "(miss='hot', --miss hot)")
     if want != have:
         raise GGUFError(f"{path} holds cold copies of different experts than {main.path} (experts sha256 "
                         f"{have[:12]}... vs {want[:12]}...); re-convert them together")
@@ -161,7 +163,6 @@ class ExpertCache:
         tiers[hit] = Tier.HOT
         st.hits += int(hit.sum())
         st.misses += int((~hit).sum())
-        st.cold += int(((tiers == Tier.COLD) & ~hit).sum())
         st.skipped += int((tiers == Tier.SKIP).sum())
         weights = np.where(tiers == Tier.SKIP, np.float32(0), routing.weights).astype(np.float32)
         pinned = {(layer, int(e)) for e in np.unique(ids[hit])}
@@ -172,7 +173,7 @@ class ExpertCache:
             if key in self.arena:
                 self.policy.use(key, hit=True)
                 experts[e] = self.arena.experts[key]
-            elif (tiers[sel] == Tier.HOT).any():
+            elif (tiers[sel] == Tier.HOT).any() or self.arena.free:          # a free slot costs no eviction
                 self.policy.use(key, hit=False)
                 experts[e] = self._load(key, pinned) or self._stream(layer, e)
                 pinned.add(key)
@@ -180,6 +181,7 @@ class ExpertCache:
                 self.policy.use(key, hit=False, hot=False)
                 experts[e] = self.cold[layer][e]
                 st.bytes_moved += experts[e].nbytes
+                st.cold += int((sel & (tiers == Tier.COLD)).sum())
         return Plan(experts, weights)
 
     def prefetch(self, layer: int, experts: np.ndarray) -> None:
