@@ -27,8 +27,13 @@ import convert_hf_to_gguf as c
 from conversion.olmo import OlmoeModel
 from conversion.qwen import Qwen2MoeModel
 # These reference classes read tokenizer.json only; the tiny test models ship SentencePiece.
+def _patch(cls):
+    bpe = cls.set_vocab
+    def set_vocab(self):
+        return self._set_vocab_sentencepiece() if (self.dir_model / "tokenizer.model").is_file() else bpe(self)
+    cls.set_vocab = set_vocab
 for cls in (OlmoeModel, Qwen2MoeModel):
-    cls.set_vocab = lambda self: self._set_vocab_sentencepiece()
+    _patch(cls)
 c.main()
 """
 
