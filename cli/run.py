@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eras-alpha", type=float, default=0.0, help="add to resident experts' routing probability")
     r.add_argument("--eras-beta", type=float, default=0.0, help="lower non-resident logits by beta*(1-freq)")
     r.add_argument("--prefetch", type=int, default=0, help="layers ahead to predict and load experts for (0 = off)")
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where hot experts live and run")
+    r.add_argument("--vram-budget", default=None, help="with --device cuda: GPU memory for hot experts (e.g. 6GiB)")
     r.add_argument("--cold", dest="cold_path", default=None, help="cold copies (default: MODEL.cold.gguf)")
     r.add_argument("--stats", action="store_true", help="print per-layer expert cache statistics to stderr")
     r.add_argument("--heatmap", default=None, metavar="PNG", help="save a layer x expert activation heatmap")
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _residency(args: argparse.Namespace) -> dict[str, Any]:
     return dict(expert_budget=args.expert_budget, cache_policy=args.cache_policy, miss=args.miss,
-                eras_alpha=args.eras_alpha, eras_beta=args.eras_beta, prefetch=args.prefetch, cold_path=args.cold_path)
+                eras_alpha=args.eras_alpha, eras_beta=args.eras_beta, prefetch=args.prefetch, cold_path=args.cold_path,
+                device=args.device, vram_budget=args.vram_budget)
 
 
 def _stats(m: Model) -> None:
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.heatmap:
             m.save_expert_heatmap(args.heatmap)
             print(f"heatmap written to {args.heatmap}", file=sys.stderr)
-    except (GGUFError, ChatTemplateError, ValueError, FileNotFoundError, ImportError) as e:
+    except (GGUFError, ChatTemplateError, ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         print(f"moe-run: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

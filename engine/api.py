@@ -20,8 +20,8 @@ from hotcold.keys import cold_path_for
 from .chat import ChatTemplate
 from .gguf_file import GGUFFile
 from .model import MmapExperts, Transformer
-from .residency import Budget, ResidencyOptions
-from .store import ExpertCache, cold_experts, open_cold, plain_report
+from .residency import Budget, Device, ResidencyOptions
+from .store import Arena, ExpertCache, cold_experts, open_cold, plain_report
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Detokenizer, Tokenizer
 
@@ -33,8 +33,12 @@ class Model:
                  verbose: bool = False, n_batch: int = 512, expert_budget: str | int | float | None = None,
                  cache_policy: str = "lru", miss: str = "hot", eras_alpha: float = 0.0, eras_beta: float = 0.0,
                  prefetch: int = 0, cold_path: str | Path | None = None, miss_t1: float = 0.6,
-                 miss_t2: float = 0.9) -> None:
+                 miss_t2: float = 0.9, device: str = "cpu", vram_budget: str | int | None = None) -> None:
         t0 = time.perf_counter()
+        if vram_budget is not None:
+            if device != "cuda":
+                raise ValueError(f"vram_budget needs device='cuda' (--device cuda), not device={device!r}")
+            expert_budget = vram_budget
         self.path = Path(path)
         if n_threads is not None:
             if not 1 <= n_threads <= numba.config.NUMBA_NUM_THREADS:
@@ -50,11 +54,11 @@ class Model:
         self.model = Transformer(self.file, n_ctx)
         self.cache: ExpertCache | None = None
         residency = (expert_budget is not None or miss != "hot" or eras_alpha or eras_beta or prefetch
-                     or cold_path is not None)
+                     or cold_path is not None or device != "cpu")
         if residency:
             self.cache = self._expert_cache(ResidencyOptions.build(
                 Budget.parse("100%" if expert_budget is None else expert_budget), cache_policy, miss,
-                eras_alpha, eras_beta, prefetch, miss_t1, miss_t2), cold_path)
+                eras_alpha, eras_beta, prefetch, miss_t1, miss_t2, device), cold_path)
         self.tokenizer = Tokenizer.from_metadata(self.metadata)
         self.seed = seed
         self.verbose = verbose
@@ -71,7 +75,11 @@ class Model:
         if opt.miss.value != "hot" or cold_path is not None:
             self.cold_file = open_cold(self.file, Path(cold_path) if cold_path else cold_path_for(self.path))
             cold = cold_experts(self.cold_file, self.model.cfg.n_layer)
-        cache = ExpertCache(mmap.experts, opt, cold)
+        arena = Arena
+        if opt.device == Device.CUDA:  # imported here: numba.cuda is only needed on this path
+            from .cuda_arena import CudaArena
+            arena = CudaArena
+        cache = ExpertCache(mmap.experts, opt, cold, arena)
         self.model.experts, self.model.prefetch = cache, opt.prefetch
         return cache
 

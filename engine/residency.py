@@ -19,6 +19,11 @@ class MissMode(enum.Enum):
     ADAPTIVE = "adaptive"  # HOBBIT: by the gate weight ranked above the expert (thresholds t1, t2)
 
 
+class Device(enum.Enum):
+    CPU = "cpu"    # the hot arena in RAM
+    CUDA = "cuda"  # the hot arena in GPU memory, hot experts computed there
+
+
 class Tier(enum.IntEnum):
     HOT = 0
     COLD = 1
@@ -79,13 +84,14 @@ class ResidencyOptions:
     eras_alpha: float = 0.0
     eras_beta: float = 0.0
     prefetch: int = 0          # layers ahead whose routers predict the experts to load
+    device: Device = Device.CPU
     t1: float = 0.6            # HOBBIT: load hot while the weight ranked above is <= t1
     t2: float = 0.9            # ... compute cold while it is <= t2, skip beyond
 
     @classmethod
     def build(cls, expert_budget: "str | int | float | Budget", cache_policy: "CachePolicy | str" = "lru",
               miss: "MissMode | str" = "hot", eras_alpha: float = 0.0, eras_beta: float = 0.0, prefetch: int = 0,
-              t1: float = 0.6, t2: float = 0.9) -> "ResidencyOptions":
+              t1: float = 0.6, t2: float = 0.9, device: "Device | str" = "cpu") -> "ResidencyOptions":
         """From user-facing values (strings as on the command line), with clear errors."""
         def enum_of(kind: type[enum.Enum], v: object, what: str) -> enum.Enum:
             try:
@@ -100,7 +106,7 @@ class ResidencyOptions:
             raise ValueError(f"miss thresholds t1={t1}, t2={t2}: need 0 <= t1 <= t2 <= 1")
         return cls(Budget.parse(expert_budget), enum_of(CachePolicy, cache_policy, "cache_policy"),
                    enum_of(MissMode, miss, "miss mode"), float(eras_alpha), float(eras_beta), int(prefetch),
-                   float(t1), float(t2))
+                   enum_of(Device, device, "device"), float(t1), float(t2))
 
 
 def miss_tiers(weights: np.ndarray, t1: float, t2: float) -> np.ndarray:

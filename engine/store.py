@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -114,7 +114,8 @@ class ExpertCache:
     """The ExpertStore of issue #5: hot arena + cold tier + miss mode + ERAS + prefetch accounting."""
 
     def __init__(self, hot: Sequence[Sequence[Expert]], options: ResidencyOptions,
-                 cold: Sequence[Sequence[Expert]] | None = None) -> None:
+                 cold: Sequence[Sequence[Expert]] | None = None,
+                 arena: Callable[[int, int], Arena] = Arena) -> None:
         self.hot = hot
         self.cold = cold
         self.opt = options
@@ -125,7 +126,7 @@ class ExpertCache:
         all_experts = [e for layer in hot for e in layer]
         slot_bytes = max((e.nbytes for e in all_experts), default=0)
         n_slots = options.expert_budget.slots(len(all_experts), slot_bytes)
-        self.arena = Arena(n_slots, slot_bytes)
+        self.arena = arena(n_slots, slot_bytes)  # RAM (Arena) or VRAM (cuda_arena.CudaArena)
         self.policy = make_policy(options.cache_policy, self.n_layer)
         self.stats = [LayerStats() for _ in range(self.n_layer)]
         self.activations = np.zeros((self.n_layer, self.n_expert), dtype=np.int64)

@@ -1,6 +1,14 @@
 """Shared fixtures: the shipped trained model converted once per session."""
 from __future__ import annotations
 
+import os
+import shutil
+
+# Without an NVIDIA GPU, run numba.cuda kernels (tests/test_cuda_kernels.py) on Numba's CPU simulator.
+# Set before anything imports numba, which reads the variable once.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 from pathlib import Path
 
 import pytest

@@ -1,0 +1,101 @@
+"""The hot expert tier in GPU memory: the RAM Arena's interface over one preallocated device buffer.
+
+Experts are uploaded as their quantized bytes (never float copies) into equal slots of a single device
+allocation sized by the VRAM budget, and computed there by hotcold.quant.cuda's fused dequant kernels;
+misses that find no slot stay on the CPU (Fiddler's placement). Uploads go on their own CUDA stream.
+Runs on Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) where there is no GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hotcold.quant import QType, cuda as qcuda
+
+from .moe import Expert
+from .policies import Key
+from .weights import QMatrix
+
+# Element type of the kernels' device rows (quant/cuda.py): floats as themselves, blocks as bytes.
+_ELEM = {QType.F32: np.float32, QType.F16: np.uint16, QType.BF16: np.uint16}
+
+
+def require_cuda() -> None:
+    if not qcuda.available():
+        raise RuntimeError("device='cuda' needs an NVIDIA GPU with its driver (numba.cuda finds none); "
+                           "use device='cpu', or NUMBA_ENABLE_CUDASIM=1 to run the kernels on the simulator")
+
+
+@dataclass(frozen=True)
+class CudaMatrix:
+    """A quantized matrix resident on the GPU; apply() mirrors QMatrix.apply (host in, host out)."""
+    dev: Any       # device array (rows, row elements), a view of the arena
+    qtype: QType
+    rows: int
+    cols: int
+    nbytes: int
+
+    def apply(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[0] == 1:
+            y = qcuda.matvec(self.dev, self.qtype, x[0]).copy_to_host().reshape(1, -1)
+        else:
+            y = qcuda.matmul(self.dev, self.qtype, x).copy_to_host()
+        if out is not None:
+            out[...] = y
+            return out
+        return y
+
+
+class CudaArena:
+    """`n_slots` equal slots of `slot_bytes` in one device allocation; never grows (same interface as Arena)."""
+
+    def __init__(self, n_slots: int, slot_bytes: int) -> None:
+        require_cuda()
+        from numba import cuda
+        self.slot_bytes = slot_bytes
+        self.buf = cuda.device_array((max(n_slots, 0), slot_bytes), dtype=np.uint8)
+        self.stream = cuda.stream()  # uploads overlap the default stream's compute
+        self.free = list(range(n_slots - 1, -1, -1))
+        self.slot_of: dict[Key, int] = {}
+        self.experts: dict[Key, Expert] = {}
+
+    @property
+    def n_slots(self) -> int:
+        return self.buf.shape[0]
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self.slot_of) * self.slot_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        """What the allocation holds on the device (the budget's bound)."""
+        return int(self.buf.shape[0]) * int(self.buf.shape[1])
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.slot_of
+
+    def load(self, key: Key, src: Expert) -> Expert:
+        """Upload `src`'s three matrices' bytes into a free slot; the Expert computes on the GPU."""
+        slot = self.free.pop()
+        self.slot_of[key] = slot
+        mats, off = [], 0
+        for m in (src.gate, src.up, src.down):
+            assert isinstance(m, QMatrix)
+            n = m.raw.nbytes
+            view = self.buf[slot, off:off + n]
+            view.copy_to_device(np.ascontiguousarray(m.raw).reshape(-1), stream=self.stream)
+            elem = np.dtype(_ELEM.get(m.qtype, np.uint8))
+            typed = view.view(elem) if elem != np.uint8 else view
+            mats.append(CudaMatrix(typed.reshape(m.rows, n // m.rows // elem.itemsize), m.qtype, m.rows, m.cols, n))
+            off += n
+        self.stream.synchronize()
+        self.experts[key] = Expert(*mats)
+        return self.experts[key]
+
+    def drop(self, key: Key) -> None:
+        self.free.append(self.slot_of.pop(key))
+        del self.experts[key]
