@@ -15,7 +15,7 @@ import numpy as np
 from hotcold.quant import QType, cuda as qcuda
 
 from .moe import Expert
-from .policies import Key
+from .store import Arena
 from .weights import QMatrix
 
 # Element type of the kernels' device rows (quant/cuda.py): floats as themselves, blocks as bytes.
@@ -49,39 +49,22 @@ class CudaMatrix:
         return y
 
 
-class CudaArena:
-    """`n_slots` equal slots of `slot_bytes` in one device allocation; never grows (same interface as Arena)."""
+class CudaArena(Arena):
+    """The Arena's slots in one device allocation; uploads go on their own stream."""
 
-    def __init__(self, n_slots: int, slot_bytes: int) -> None:
+    def _allocate(self, n_slots: int, slot_bytes: int) -> Any:
         require_cuda()
         from numba import cuda
-        self.slot_bytes = slot_bytes
-        self.buf = cuda.device_array((max(n_slots, 0), slot_bytes), dtype=np.uint8)
         self.stream = cuda.stream()  # uploads overlap the default stream's compute
-        self.free = list(range(n_slots - 1, -1, -1))
-        self.slot_of: dict[Key, int] = {}
-        self.experts: dict[Key, Expert] = {}
-
-    @property
-    def n_slots(self) -> int:
-        return self.buf.shape[0]
-
-    @property
-    def used_bytes(self) -> int:
-        return len(self.slot_of) * self.slot_bytes
+        return cuda.device_array((n_slots, slot_bytes), dtype=np.uint8)
 
     @property
     def device_bytes(self) -> int:
         """What the allocation holds on the device (the budget's bound)."""
         return int(self.buf.shape[0]) * int(self.buf.shape[1])
 
-    def __contains__(self, key: Key) -> bool:
-        return key in self.slot_of
-
-    def load(self, key: Key, src: Expert) -> Expert:
-        """Upload `src`'s three matrices' bytes into a free slot; the Expert computes on the GPU."""
-        slot = self.free.pop()
-        self.slot_of[key] = slot
+    def _place(self, slot: int, src: Expert) -> Expert:
+        """Upload `src`'s three matrices' bytes into `slot`; the Expert computes on the GPU."""
         mats, off = [], 0
         for m in (src.gate, src.up, src.down):
             assert isinstance(m, QMatrix)
@@ -93,9 +76,4 @@ class CudaArena:
             mats.append(CudaMatrix(typed.reshape(m.rows, n // m.rows // elem.itemsize), m.qtype, m.rows, m.cols, n))
             off += n
         self.stream.synchronize()
-        self.experts[key] = Expert(*mats)
-        return self.experts[key]
-
-    def drop(self, key: Key) -> None:
-        self.free.append(self.slot_of.pop(key))
-        del self.experts[key]
+        return Expert(*mats)

@@ -38,14 +38,28 @@ class LayerStats:
 
 
 class Arena:
-    """`n_slots` equal slots of `slot_bytes` in one preallocated buffer; never grows."""
+    """`n_slots` equal slots of `slot_bytes` in one preallocated buffer; never grows. This one is RAM;
+    subclasses put the buffer elsewhere (cuda_arena.CudaArena) by overriding _allocate and _place."""
 
     def __init__(self, n_slots: int, slot_bytes: int) -> None:
         self.slot_bytes = slot_bytes
-        self.buf = np.empty((n_slots, slot_bytes), dtype=np.uint8)
+        self.buf = self._allocate(max(n_slots, 0), slot_bytes)
         self.free = list(range(n_slots - 1, -1, -1))
         self.slot_of: dict[Key, int] = {}
         self.experts: dict[Key, Expert] = {}
+
+    def _allocate(self, n_slots: int, slot_bytes: int) -> Any:
+        return np.empty((n_slots, slot_bytes), dtype=np.uint8)
+
+    def _place(self, slot: int, src: Expert) -> Expert:
+        """Copy `src`'s three matrices into `slot`; the returned Expert views the slot."""
+        mats, off = [], 0
+        for m in (src.gate, src.up, src.down):
+            view = self.buf[slot, off:off + m.raw.nbytes].reshape(m.raw.shape)
+            np.copyto(view, m.raw)
+            mats.append(QMatrix(view, m.qtype, m.rows, m.cols))
+            off += m.raw.nbytes
+        return Expert(*mats)
 
     @property
     def n_slots(self) -> int:
@@ -59,16 +73,9 @@ class Arena:
         return key in self.slot_of
 
     def load(self, key: Key, src: Expert) -> Expert:
-        """Copy `src`'s three matrices into a free slot; the returned Expert views the slot."""
         slot = self.free.pop()
         self.slot_of[key] = slot
-        mats, off = [], 0
-        for m in (src.gate, src.up, src.down):
-            view = self.buf[slot, off:off + m.raw.nbytes].reshape(m.raw.shape)
-            np.copyto(view, m.raw)
-            mats.append(QMatrix(view, m.qtype, m.rows, m.cols))
-            off += m.raw.nbytes
-        self.experts[key] = Expert(*mats)
+        self.experts[key] = self._place(slot, src)
         return self.experts[key]
 
     def drop(self, key: Key) -> None:
