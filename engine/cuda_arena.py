@@ -18,8 +18,6 @@ from .moe import Expert
 from .store import Arena
 from .weights import QMatrix
 
-# Element type of the kernels' device rows (quant/cuda.py): floats as themselves, blocks as bytes.
-_ELEM = {QType.F32: np.float32, QType.F16: np.uint16, QType.BF16: np.uint16}
 
 
 def require_cuda() -> None:
@@ -71,7 +69,7 @@ class CudaArena(Arena):
             n = m.raw.nbytes
             view = self.buf[slot, off:off + n]
             view.copy_to_device(np.ascontiguousarray(m.raw).reshape(-1), stream=self.stream)
-            elem = np.dtype(_ELEM.get(m.qtype, np.uint8))
+            elem = qcuda.element_type(m.qtype)
             typed = view.view(elem) if elem != np.uint8 else view
             mats.append(CudaMatrix(typed.reshape(m.rows, n // m.rows // elem.itemsize), m.qtype, m.rows, m.cols, n))
             off += n

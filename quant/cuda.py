@@ -390,8 +390,14 @@ _SPECS: dict[QType, tuple[Callable, int]] = {  # decoder, parts per block
     QType.Q2_K: (_dq_q2_k, 16), QType.Q3_K: (_dq_q3_k, 16), QType.Q4_K: (_dq_q4_k, 16),
     QType.Q5_K: (_dq_q5_k, 16), QType.Q6_K: (_dq_q6_k, 16),
 }
-# Element type of each type's device rows: F32 rows as float32, F16/BF16 as uint16, blocks as bytes.
+# Device row element types (element_type below); blocks are bytes.
 _ELEM = {QType.F32: np.dtype(np.float32), QType.F16: np.dtype(np.uint16), QType.BF16: np.dtype(np.uint16)}
+
+
+def element_type(qtype: QTypeLike) -> np.dtype:
+    """The element type of `qtype`'s device rows: F32 rows as float32, F16/BF16 as uint16, blocks as bytes."""
+    return _ELEM.get(_weight_type(qtype), np.dtype(np.uint8))
+
 
 CUDA_MATVEC: dict[QType, Callable] = {}
 CUDA_MATMUL: dict[QType, Callable] = {}
@@ -485,4 +491,4 @@ def matmul(w_dev: Any, qtype: QTypeLike, X_dev: Any, out_dev: Any = None, stream
     return out
 
 
-__all__ = ["CUDA_MATMUL", "CUDA_MATVEC", "available", "matmul", "matvec", "simulated", "to_device_weights"]
+__all__ = ["CUDA_MATMUL", "CUDA_MATVEC", "available", "element_type", "matmul", "matvec", "simulated", "to_device_weights"]
