@@ -7,6 +7,7 @@ Runs on Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) where there is no GPU.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,21 @@ from .moe import Expert
 from .store import Arena
 from .weights import QMatrix
 
+
+
+def _silu_mul_kernel(g: Any, u: Any) -> None:
+    """g = silu(g) * u elementwise (SwiGLU's gate), one thread per element."""
+    i = _cuda.grid(1)
+    if i < g.shape[0]:
+        v = g[i]
+        g[i] = v / (np.float32(1) + math.exp(-v)) * u[i]
+
+
+try:  # numba.cuda may be missing or broken on CPU-only machines; the arena then refuses to start
+    from numba import cuda as _cuda
+    _silu_mul = _cuda.jit(_silu_mul_kernel)
+except Exception:  # pragma: no cover - depends on the machine
+    _silu_mul = None
 
 
 def require_cuda() -> None:
@@ -47,6 +63,24 @@ class CudaMatrix:
         return y
 
 
+@dataclass(frozen=True)
+class CudaExpert(Expert):
+    """An expert resident on the GPU: one upload of x and one download of the result per call."""
+
+    def swiglu(self, x: np.ndarray) -> np.ndarray:
+        from numba import cuda
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        one = x.shape[0] == 1
+        xd = cuda.to_device(x[0] if one else x)
+        product = qcuda.matvec if one else qcuda.matmul
+        g = product(self.gate.dev, self.gate.qtype, xd)                  # (n, n_ff) on the device
+        u = product(self.up.dev, self.up.qtype, xd)
+        n = g.size
+        _silu_mul[(n + 127) // 128, 128](g.reshape(n), u.reshape(n))     # g = silu(g) * u
+        y = product(self.down.dev, self.down.qtype, g).copy_to_host()     # (n, n_embd)
+        return y.reshape(1, -1) if one else y
+
+
 class CudaArena(Arena):
     """The Arena's slots in one device allocation; uploads go on their own stream."""
 
@@ -74,4 +108,4 @@ class CudaArena(Arena):
             mats.append(CudaMatrix(typed.reshape(m.rows, n // m.rows // elem.itemsize), m.qtype, m.rows, m.cols, n))
             off += n
         self.stream.synchronize()
-        return Expert(*mats)
+        return CudaExpert(*mats)

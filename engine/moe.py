@@ -42,6 +42,13 @@ class Expert:
     def nbytes(self) -> int:
         return self.gate.nbytes + self.up.nbytes + self.down.nbytes
 
+    def swiglu(self, x: np.ndarray) -> np.ndarray:
+        """down(silu(gate x) * up x) for x (n, n_embd); tiers on other devices override this."""
+        g = self.gate.apply(x)                                               # (n, n_ff)
+        u = self.up.apply(x)                                                 # (n, n_ff)
+        silu_mul(g, u)                                                       # g = silu(g) * u
+        return self.down.apply(g)                                            # (n, n_embd)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -93,11 +100,8 @@ def route(logits: np.ndarray, k: int, norm_topk: bool, bias: SelectionBias | Non
 
 
 def swiglu(e: Expert, x: np.ndarray) -> np.ndarray:
-    """down(silu(gate x) * up x) for x (n, n_embd)."""
-    g = e.gate.apply(x)                                                      # (n, n_ff)
-    u = e.up.apply(x)                                                        # (n, n_ff)
-    silu_mul(g, u)                                                           # g = silu(g) * u
-    return e.down.apply(g)                                                   # (n, n_embd)
+    """down(silu(gate x) * up x) for x (n, n_embd), wherever the expert lives."""
+    return e.swiglu(x)
 
 
 def moe_forward(x: np.ndarray, router: np.ndarray, k: int, norm_topk: bool, store: ExpertStore,
