@@ -104,9 +104,8 @@ def chat(m: Model, args: argparse.Namespace) -> None:
         if not line.strip():
             return
         history.append({"role": "user", "content": line.rstrip("\n")})
-        prompt = m.chat_template().render(history, add_generation_prompt=True)
-        ids = m.tokenize(prompt, add_bos=False, special=True)
-        reply = _stream(m.generate(ids, **_sampling(args)))
+        chunks = m.create_chat_completion(history, stream=True, **_sampling(args))
+        reply = _stream(c["choices"][0]["delta"].get("content", "") for c in chunks)
         print(flush=True)
         history.append({"role": "assistant", "content": reply})
         if args.verbose:

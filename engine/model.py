@@ -12,7 +12,7 @@ import numpy as np
 from . import kernels
 from .config import ModelConfig, QKNorm, RopeStyle
 from .gguf_file import GGUFFile
-from .moe import Expert, ExpertStore, Plan, Routing, SelectionBias, moe_forward, route, swiglu
+from .moe import Expert, ExpertStore, Plan, Routing, SelectionBias, moe_forward, route
 from .weights import QMatrix, QStack, WeightReader
 
 
@@ -116,7 +116,6 @@ class Transformer:
         inv = cfg.rope_base ** (-np.arange(half, dtype=np.float64) * 2.0 / cfg.rope_dim)
         ang = np.arange(n_ctx, dtype=np.float64)[:, None] * (inv[None, :] * cfg.rope_freq_scale)
         self.rope_cos, self.rope_sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-        self.last_routing: list[Routing | None] = [None] * cfg.n_layer
 
     def reset(self) -> None:
         self.n_past = 0
@@ -147,9 +146,8 @@ class Transformer:
     def _ffn(self, b: Block, il: int, h: np.ndarray) -> np.ndarray:
         cfg = self.cfg
         if b.ffn is not None:
-            return swiglu(b.ffn, h)                                             # dense SwiGLU
-        out, routing = moe_forward(h, b.ffn_gate_inp, cfg.n_expert_used, cfg.spec.norm_topk, self.experts, il)
-        self.last_routing[il] = routing
+            return b.ffn.swiglu(h)                                              # dense SwiGLU
+        out, _ = moe_forward(h, b.ffn_gate_inp, cfg.n_expert_used, cfg.spec.norm_topk, self.experts, il)
         for ahead in range(il + 1, min(il + 1 + self.prefetch, cfg.n_layer)):  # HOBBIT: next layers' gates on h
             router = self.blocks[ahead].ffn_gate_inp
             if router is not None:
@@ -157,7 +155,7 @@ class Transformer:
                 self.experts.prefetch(ahead, guess.experts)                     # (T, k) predicted
         if b.shexp is not None:                                                 # shared expert, sigmoid-gated
             gate = 1.0 / (1.0 + np.exp(-(h @ b.ffn_gate_inp_shexp)))            # (T,)
-            out += gate[:, None].astype(np.float32) * swiglu(b.shexp, h)
+            out += gate[:, None].astype(np.float32) * b.shexp.swiglu(h)
         return out
 
     def forward(self, tokens: np.ndarray, all_logits: bool = False) -> np.ndarray:

@@ -99,11 +99,6 @@ def route(logits: np.ndarray, k: int, norm_topk: bool, bias: SelectionBias | Non
     return Routing(ids, w)
 
 
-def swiglu(e: Expert, x: np.ndarray) -> np.ndarray:
-    """down(silu(gate x) * up x) for x (n, n_embd), wherever the expert lives."""
-    return e.swiglu(x)
-
-
 def moe_forward(x: np.ndarray, router: np.ndarray, k: int, norm_topk: bool, store: ExpertStore,
                 layer: int) -> tuple[np.ndarray, Routing]:
     """The routed-expert output for x (T, n_embd), and the routing that produced it."""
@@ -111,5 +106,5 @@ def moe_forward(x: np.ndarray, router: np.ndarray, k: int, norm_topk: bool, stor
     plan = store.prepare(layer, routing)                                     # expert -> weights; skips weigh 0
     out = np.zeros_like(x)                                                   # (T, n_embd)
     for expert, tokens, w in plan.groups(routing):
-        out[tokens] += w[:, None] * swiglu(expert, x[tokens])                # (n, n_embd)
+        out[tokens] += w[:, None] * expert.swiglu(x[tokens])                 # (n, n_embd)
     return out, routing

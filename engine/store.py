@@ -166,7 +166,7 @@ class ExpertCache:
         st.tokens += ids.shape[0]
         np.add.at(self.activations[layer], ids.ravel(), 1)
         self._score_prediction(layer, ids)
-        hit = np.isin(ids, [e for (l, e) in self.arena.slot_of if l == layer])  # (T, k)
+        hit = self.resident(layer)[ids]                                      # (T, k)
         tiers = self._tiers(routing.weights)                                 # (T, k) for a miss
         tiers[hit] = Tier.HOT
         st.hits += int(hit.sum())
