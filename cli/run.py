@@ -41,8 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eras-alpha", type=float, default=0.0, help="add to resident experts' routing probability")
     r.add_argument("--eras-beta", type=float, default=0.0, help="lower non-resident logits by beta*(1-freq)")
     r.add_argument("--prefetch", type=int, default=0, help="layers ahead to predict and load experts for (0 = off)")
-    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where hot experts live and run")
-    r.add_argument("--vram-budget", default=None, help="with --device cuda: GPU memory for hot experts (e.g. 6GiB)")
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: dense layers, KV cache and hot experts on the GPU")
+    r.add_argument("--vram-budget", default=None,
+                   help="with --device cuda: GPU memory for all of it (e.g. 6GiB); hot experts get what is left")
+    r.add_argument("--miss-placement", default="auto", choices=["auto", "gpu", "cpu"],
+                   help="with --device cuda: cold misses uploaded to the GPU or computed on the CPU "
+                        "(auto: by measured cost)")
     r.add_argument("--cold", dest="cold_path", default=None, help="cold copies (default: MODEL.cold.gguf)")
     r.add_argument("--stats", action="store_true", help="print per-layer expert cache statistics to stderr")
     r.add_argument("--heatmap", default=None, metavar="PNG", help="save a layer x expert activation heatmap")
@@ -52,12 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _residency(args: argparse.Namespace) -> dict[str, Any]:
     return dict(expert_budget=args.expert_budget, cache_policy=args.cache_policy, miss=args.miss,
                 eras_alpha=args.eras_alpha, eras_beta=args.eras_beta, prefetch=args.prefetch, cold_path=args.cold_path,
-                device=args.device, vram_budget=args.vram_budget)
+                device=args.device, vram_budget=args.vram_budget, miss_placement=args.miss_placement)
 
 
 def _stats(m: Model) -> None:
     s = m.expert_stats()
-    cols = ("tokens", "hits", "misses", "cold", "skipped", "loads", "bytes_moved")
+    cols = ("tokens", "hits", "misses", "cold", "cold_uploaded", "skipped", "loads", "bytes_moved")
     print("layer " + " ".join(f"{c:>11}" for c in cols) + "   prefetch", file=sys.stderr)
     for i, layer in enumerate(s["layers"]):
         acc = f"{layer['predicted_right'] / layer['predicted']:.2f}" if layer["predicted"] else "-"

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +22,7 @@ from .chat import ChatTemplate
 from .gguf_file import GGUFFile
 from .model import MmapExperts, Transformer
 from .residency import Budget, Device, ResidencyOptions
-from .store import Arena, ExpertCache, cold_experts, open_cold, plain_report
+from .store import ExpertCache, cold_experts, open_cold, plain_report
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Detokenizer, Tokenizer
 
@@ -33,12 +34,10 @@ class Model:
                  verbose: bool = False, n_batch: int = 512, expert_budget: str | int | float | None = None,
                  cache_policy: str = "lru", miss: str = "hot", eras_alpha: float = 0.0, eras_beta: float = 0.0,
                  prefetch: int = 0, cold_path: str | Path | None = None, miss_t1: float = 0.6,
-                 miss_t2: float = 0.9, device: str = "cpu", vram_budget: str | int | None = None) -> None:
+                 miss_t2: float = 0.9, device: str = "cpu", vram_budget: str | int | None = None,
+                 miss_placement: str = "auto") -> None:
         t0 = time.perf_counter()
-        if vram_budget is not None:
-            if device != "cuda":
-                raise ValueError(f"vram_budget needs device='cuda' (--device cuda), not device={device!r}")
-            expert_budget = vram_budget
+        vram = self._vram_bytes(vram_budget, device, expert_budget)
         self.path = Path(path)
         if n_threads is not None:
             if not 1 <= n_threads <= numba.config.NUMBA_NUM_THREADS:
@@ -51,14 +50,21 @@ class Model:
         if n_batch <= 0:
             raise ValueError(f"n_batch={n_batch} must be positive")
         self.n_batch = n_batch
-        self.model = Transformer(self.file, n_ctx)
+        opt = ResidencyOptions.build(Budget.parse("100%" if expert_budget is None else expert_budget), cache_policy,
+                                     miss, eras_alpha, eras_beta, prefetch, miss_t1, miss_t2, device, miss_placement)
+        self.gpu = None
+        if opt.device == Device.CUDA:  # imported here: numba.cuda is only needed on this path
+            from .cuda_memory import Gpu
+            from .cuda_model import CudaTransformer
+            self.gpu = Gpu(vram)
+            self.model: Transformer = CudaTransformer(self.file, n_ctx, self.gpu, n_batch)
+        else:
+            self.model = Transformer(self.file, n_ctx)
         self.cache: ExpertCache | None = None
         residency = (expert_budget is not None or miss != "hot" or eras_alpha or eras_beta or prefetch
-                     or cold_path is not None or device != "cpu")
+                     or cold_path is not None or opt.device != Device.CPU)
         if residency:
-            self.cache = self._expert_cache(ResidencyOptions.build(
-                Budget.parse("100%" if expert_budget is None else expert_budget), cache_policy, miss,
-                eras_alpha, eras_beta, prefetch, miss_t1, miss_t2, device), cold_path)
+            self.cache = self._expert_cache(opt, cold_path)
         self.tokenizer = Tokenizer.from_metadata(self.metadata)
         self.seed = seed
         self.verbose = verbose
@@ -75,13 +81,35 @@ class Model:
         if opt.miss.value != "hot" or cold_path is not None:
             self.cold_file = open_cold(self.file, Path(cold_path) if cold_path else cold_path_for(self.path))
             cold = cold_experts(self.cold_file, self.model.cfg.n_layer)
-        arena = Arena
-        if opt.device == Device.CUDA:  # imported here: numba.cuda is only needed on this path
-            from .cuda_arena import CudaArena
-            arena = CudaArena
-        cache = ExpertCache(mmap.experts, opt, cold, arena)
+        if self.gpu is not None:
+            from .cuda_model import CudaTransformer, device_cache
+            assert isinstance(self.model, CudaTransformer)
+            cache = device_cache(self.model, mmap.experts, opt, cold)
+            if self.verbose and cache.miss_cost is not None:
+                c = cache.miss_cost
+                print(f"cold miss cost: GPU {c.gpu_s[0] * 1e3:.3f}/{c.gpu_s[1] * 1e3:.3f} ms, CPU {c.cpu_s[0] * 1e3:.3f}/"
+                      f"{c.cpu_s[1] * 1e3:.3f} ms for 1/{c.n} tokens", file=sys.stderr)
+        else:
+            cache = ExpertCache(mmap.experts, opt, cold)
         self.model.experts, self.model.prefetch = cache, opt.prefetch
         return cache
+
+    @staticmethod
+    def _vram_bytes(vram_budget: str | int | None, device: str, expert_budget: object) -> int | None:
+        """The VRAM budget in bytes: everything the model keeps on the GPU (dense weights, KV cache,
+        buffers, expert slots)."""
+        if vram_budget is None:
+            return None
+        if device != "cuda":
+            raise ValueError(f"vram_budget needs device='cuda' (--device cuda), not device={device!r}")
+        if expert_budget is not None:
+            raise ValueError("give vram_budget (the GPU's share: the hot experts get what the dense layers leave) "
+                             "or expert_budget, not both")
+        b = Budget.parse(vram_budget)
+        if b.nbytes is None:
+            raise ValueError(f"vram_budget={vram_budget!r}: give a size such as '6GiB' (a share of the experts "
+                             "is expert_budget, --expert-budget)")
+        return b.nbytes
 
     def expert_stats(self) -> dict[str, Any]:
         """Expert-cache counters: totals under tokens/hits/misses/cold/skipped/bytes_moved, `layers` per layer,

@@ -1,13 +1,15 @@
 """The hot expert tier in GPU memory: the RAM Arena's interface over one preallocated device buffer.
 
 Experts are uploaded as their quantized bytes (never float copies) into equal slots of a single device
-allocation sized by the VRAM budget, and computed there by hotcold.quant.cuda's fused dequant kernels;
-misses that find no slot stay on the CPU (Fiddler's placement). Uploads go on their own CUDA stream.
+allocation sized by the VRAM budget, and computed there by hotcold.quant.cuda's fused dequant kernels.
+Uploads are asynchronous: bytes are copied into a page-locked buffer, sent on the upload stream, and the
+expert carries an event the compute stream waits on, so a prefetched upload overlaps the layers computed
+meanwhile (HOBBIT). A few staging slots take cold copies uploaded for one layer's misses when the miss
+cost model says that beats computing them on the CPU (store.ExpertCache decides).
 Runs on Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) where there is no GPU.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,97 +17,129 @@ import numpy as np
 
 from hotcold.quant import QType, cuda as qcuda
 
+from . import cuda_kernels as ck
+from .cuda_memory import Gpu
 from .moe import Expert
 from .store import Arena
 from .weights import QMatrix
 
 
-
-def _silu_mul_kernel(g: Any, u: Any) -> None:
-    """g = silu(g) * u elementwise (SwiGLU's gate), one thread per element."""
-    i = _cuda.grid(1)
-    if i < g.shape[0]:
-        v = g[i]
-        g[i] = v / (np.float32(1) + math.exp(-v)) * u[i]
-
-
-try:  # numba.cuda may be missing or broken on CPU-only machines; the arena then refuses to start
-    from numba import cuda as _cuda
-    _silu_mul = _cuda.jit(_silu_mul_kernel)
-except Exception:  # pragma: no cover - depends on the machine
-    _silu_mul = None
-
-
-def require_cuda() -> None:
-    if not qcuda.available():
-        raise RuntimeError("device='cuda' needs an NVIDIA GPU with its driver (numba.cuda finds none); "
-                           "use device='cpu', or NUMBA_ENABLE_CUDASIM=1 to run the kernels on the simulator")
-
-
 @dataclass(frozen=True)
 class CudaMatrix:
-    """A quantized matrix resident on the GPU; apply() mirrors QMatrix.apply (host in, host out)."""
-    dev: Any       # device array (rows, row elements), a view of the arena
+    """A quantized matrix resident on the GPU."""
+    dev: Any       # device array (rows, row elements)
     qtype: QType
     rows: int
     cols: int
     nbytes: int
 
-    def apply(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+    @classmethod
+    def view(cls, dst: Any, m: QMatrix) -> "CudaMatrix":
+        """`m`'s shape over device bytes `dst` (1-D uint8) that hold (or will hold) its rows."""
+        elem = qcuda.element_type(m.qtype)
+        typed = dst.view(elem) if elem != np.uint8 else dst
+        return cls(typed.reshape(m.rows, m.raw.nbytes // m.rows // elem.itemsize), m.qtype, m.rows, m.cols,
+                   m.raw.nbytes)
+
+    def product(self, x: Any, out: Any, stream: Any) -> None:
+        """out (n, rows) = x (n, cols) @ W^T on the device; one row takes the GEMV kernel."""
         if x.shape[0] == 1:
-            y = qcuda.matvec(self.dev, self.qtype, x[0]).copy_to_host().reshape(1, -1)
+            qcuda.matvec(self.dev, self.qtype, x[0], out[0], stream)
         else:
-            y = qcuda.matmul(self.dev, self.qtype, x).copy_to_host()
-        if out is not None:
-            out[...] = y
-            return out
-        return y
+            qcuda.matmul(self.dev, self.qtype, x, out, stream)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Host in, host out (tests and one-off use)."""
+        from numba import cuda
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = cuda.device_array((x.shape[0], self.rows), dtype=np.float32)
+        self.product(cuda.to_device(x), out, 0)
+        return out.copy_to_host()
 
 
 @dataclass(frozen=True)
 class CudaExpert(Expert):
-    """An expert resident on the GPU: one upload of x and one download of the result per call."""
+    """An expert whose matrices are on the GPU; `ready` is the event its upload completes (None: loaded)."""
+    ready: Any = None
+
+    def run(self, x: Any, g: Any, u: Any, y: Any, stream: Any) -> None:
+        """y (n, n_embd) = down(silu(gate x) * up x) for device x (n, n_embd); g, u (n, n_ff) are scratch."""
+        if self.ready is not None:
+            self.ready.wait(stream)                                   # the upload has landed
+        self.gate.product(x, g, stream)                               # (n, n_ff)
+        self.up.product(x, u, stream)                                 # (n, n_ff)
+        ck.silu_mul(g, u, stream)                                     # g = silu(g) * u
+        self.down.product(g, y, stream)                               # (n, n_embd)
 
     def swiglu(self, x: np.ndarray) -> np.ndarray:
+        """Host in, host out: one upload of x and one download of the result."""
         from numba import cuda
         x = np.ascontiguousarray(x, dtype=np.float32)
-        one = x.shape[0] == 1
-        xd = cuda.to_device(x[0] if one else x)
-        product = qcuda.matvec if one else qcuda.matmul
-        g = product(self.gate.dev, self.gate.qtype, xd)                  # (n, n_ff) on the device
-        u = product(self.up.dev, self.up.qtype, xd)
-        n = g.size
-        _silu_mul[(n + 127) // 128, 128](g.reshape(n), u.reshape(n))     # g = silu(g) * u
-        y = product(self.down.dev, self.down.qtype, g).copy_to_host()     # (n, n_embd)
-        return y.reshape(1, -1) if one else y
+        n, n_ff = x.shape[0], self.gate.rows
+        g, u = cuda.device_array((n, n_ff), np.float32), cuda.device_array((n, n_ff), np.float32)
+        y = cuda.device_array((n, self.down.rows), np.float32)
+        stream = cuda.stream()
+        self.run(cuda.to_device(x, stream=stream), g, u, y, stream)
+        out = y.copy_to_host(stream=stream)
+        stream.synchronize()
+        return out
+
+
+class Uploader:
+    """Copies experts' bytes to device slots through two page-locked buffers, on the upload stream."""
+
+    def __init__(self, gpu: Gpu, nbytes: int) -> None:
+        self.gpu = gpu
+        self.pinned = [gpu.pinned(max(nbytes, 1), np.uint8) for _ in range(2)]
+        self.done: list[Any] = [None, None]
+        self.turn = 0
+
+    def upload(self, dst: Any, src: Expert) -> CudaExpert:
+        """Queue `src`'s three matrices into device bytes `dst`; the result is usable once `ready` fires."""
+        i, self.turn = self.turn, self.turn ^ 1
+        if self.done[i] is not None:
+            self.done[i].synchronize()                                # the buffer's last upload has left
+        buf, off, mats = self.pinned[i], 0, []
+        for m in (src.gate, src.up, src.down):
+            assert isinstance(m, QMatrix), "uploads read experts from host memory"
+            n = m.raw.nbytes
+            buf[off:off + n] = m.raw.reshape(-1)
+            mats.append(CudaMatrix.view(dst[off:off + n], m))
+            off += n
+        self.gpu.after_compute()                                      # the slot's last reader has run
+        dst[:off].copy_to_device(buf[:off], stream=self.gpu.upload)
+        self.done[i] = ready = self.gpu.event(self.gpu.upload)
+        return CudaExpert(*mats, ready=ready)
 
 
 class CudaArena(Arena):
-    """The Arena's slots in one device allocation; uploads go on their own stream."""
+    """The Arena's slots in one counted device allocation, plus `stage_slots` slots of `stage_bytes` for
+    cold copies uploaded for the current layer (stage() until begin() starts the next)."""
+
+    def __init__(self, n_slots: int, slot_bytes: int, gpu: Gpu, stage_slots: int = 0, stage_bytes: int = 0) -> None:
+        self.gpu = gpu
+        super().__init__(n_slots, slot_bytes)
+        self.stage_buf = gpu.empty((stage_slots, stage_bytes), np.uint8, "cold staging slots") if stage_slots else None
+        self.uploader = Uploader(gpu, max(slot_bytes, stage_bytes))
+        self.staged = 0
 
     def _allocate(self, n_slots: int, slot_bytes: int) -> Any:
-        require_cuda()
-        from numba import cuda
-        self.stream = cuda.stream()  # uploads overlap the default stream's compute
-        return cuda.device_array((n_slots, slot_bytes), dtype=np.uint8)
+        return self.gpu.empty((n_slots, slot_bytes), np.uint8, "hot expert slots")
 
     @property
     def device_bytes(self) -> int:
-        """What the allocation holds on the device (the budget's bound)."""
+        """What the slots hold on the device (the expert budget's bound)."""
         return int(self.buf.shape[0]) * int(self.buf.shape[1])
 
     def _place(self, slot: int, src: Expert) -> Expert:
-        """Upload `src`'s three matrices' bytes into `slot`; the Expert computes on the GPU."""
-        mats, off = [], 0
-        for m in (src.gate, src.up, src.down):
-            assert isinstance(m, QMatrix)
-            n = m.raw.nbytes
-            view = self.buf[slot, off:off + n]
-            view.copy_to_device(np.ascontiguousarray(m.raw).reshape(-1), stream=self.stream)
-            elem = qcuda.element_type(m.qtype)
-            typed = view.view(elem) if elem != np.uint8 else view
-            mats.append(CudaMatrix(typed.reshape(m.rows, n // m.rows // elem.itemsize), m.qtype, m.rows, m.cols, n))
-            off += n
-        self.stream.synchronize()
-        return CudaExpert(*mats)
+        return self.uploader.upload(self.buf[slot], src)
+
+    def begin(self) -> None:
+        self.staged = 0
+
+    def stage(self, src: Expert) -> Expert | None:
+        """Upload a cold copy into a free staging slot for this layer; None when all are taken."""
+        if self.stage_buf is None or self.staged >= self.stage_buf.shape[0] or src.nbytes > self.stage_buf.shape[1]:
+            return None
+        self.staged += 1
+        return self.uploader.upload(self.stage_buf[self.staged - 1], src)

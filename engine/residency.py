@@ -24,6 +24,28 @@ class Device(enum.Enum):
     CUDA = "cuda"  # the hot arena in GPU memory, hot experts computed there
 
 
+class Placement(enum.Enum):
+    AUTO = "auto"  # per miss, whichever the measured cost model (MissCost) says is faster
+    GPU = "gpu"    # upload the cold copy's bytes and compute on the GPU (HOBBIT)
+    CPU = "cpu"    # compute with the cold copy on the CPU, where it lies (Fiddler)
+
+
+@dataclass(frozen=True)
+class MissCost:
+    """Measured seconds to serve one cold miss for 1 and for `n` tokens, each way: upload + GPU compute,
+    or CPU compute. Cost is taken as linear in the token count between (and beyond) the two points."""
+    n: int
+    gpu_s: tuple[float, float]  # (1 token, n tokens)
+    cpu_s: tuple[float, float]
+
+    @staticmethod
+    def _at(t: tuple[float, float], n: int, tokens: int) -> float:
+        return t[0] + (t[1] - t[0]) * (tokens - 1) / max(n - 1, 1)
+
+    def gpu_faster(self, tokens: int) -> bool:
+        return self._at(self.gpu_s, self.n, tokens) < self._at(self.cpu_s, self.n, tokens)
+
+
 class Tier(enum.IntEnum):
     HOT = 0
     COLD = 1
@@ -85,13 +107,15 @@ class ResidencyOptions:
     eras_beta: float = 0.0
     prefetch: int = 0          # layers ahead whose routers predict the experts to load
     device: Device = Device.CPU
+    miss_placement: Placement = Placement.AUTO  # where cold misses compute when device is CUDA
     t1: float = 0.6            # HOBBIT: load hot while the weight ranked above is <= t1
     t2: float = 0.9            # ... compute cold while it is <= t2, skip beyond
 
     @classmethod
     def build(cls, expert_budget: "str | int | float | Budget", cache_policy: "CachePolicy | str" = "lru",
               miss: "MissMode | str" = "hot", eras_alpha: float = 0.0, eras_beta: float = 0.0, prefetch: int = 0,
-              t1: float = 0.6, t2: float = 0.9, device: "Device | str" = "cpu") -> "ResidencyOptions":
+              t1: float = 0.6, t2: float = 0.9, device: "Device | str" = "cpu",
+              miss_placement: "Placement | str" = "auto") -> "ResidencyOptions":
         """From user-facing values (strings as on the command line), with clear errors."""
         def enum_of(kind: type[enum.Enum], v: object, what: str) -> enum.Enum:
             try:
@@ -106,7 +130,8 @@ class ResidencyOptions:
             raise ValueError(f"miss thresholds t1={t1}, t2={t2}: need 0 <= t1 <= t2 <= 1")
         return cls(Budget.parse(expert_budget), enum_of(CachePolicy, cache_policy, "cache_policy"),
                    enum_of(MissMode, miss, "miss mode"), float(eras_alpha), float(eras_beta), int(prefetch),
-                   enum_of(Device, device, "device"), float(t1), float(t2))
+                   enum_of(Device, device, "device"), enum_of(Placement, miss_placement, "miss_placement"),
+                   float(t1), float(t2))
 
 
 def miss_tiers(weights: np.ndarray, t1: float, t2: float) -> np.ndarray:

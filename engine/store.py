@@ -19,7 +19,7 @@ from hotcold import keys
 from .gguf_file import GGUFError, GGUFFile
 from .moe import Expert, Plan, Routing, SelectionBias
 from .policies import Key, make_policy
-from .residency import MissMode, ResidencyOptions, Tier, eras_bias, miss_tiers
+from .residency import MissCost, MissMode, Placement, ResidencyOptions, Tier, eras_bias, miss_tiers
 from .weights import QMatrix, WeightReader
 
 
@@ -29,6 +29,7 @@ class LayerStats:
     hits: int = 0          # (token, slot) selections whose expert was resident
     misses: int = 0        # ... whose expert was not
     cold: int = 0          # misses computed with the cold copy
+    cold_uploaded: int = 0 # ... of which on the GPU, after uploading the cold copy (the rest on the CPU)
     skipped: int = 0       # misses dropped (adaptive mode, near-zero weight)
     loads: int = 0         # hot copies brought into the arena (misses and prefetches)
     bytes_moved: int = 0   # bytes of hot copies loaded plus cold copies computed with
@@ -64,6 +65,14 @@ class Arena:
     @property
     def n_slots(self) -> int:
         return self.buf.shape[0]
+
+    def begin(self) -> None:
+        """A new layer's batch starts (a device arena recycles its staging slots)."""
+
+    def stage(self, src: Expert) -> Expert | None:
+        """A transient copy of a cold expert where this arena computes, or None (RAM: the cold copy is
+        already in host memory, so there is nothing to stage)."""
+        return None
 
     @property
     def used_bytes(self) -> int:
@@ -137,6 +146,7 @@ class ExpertCache:
         self.policy = make_policy(options.cache_policy, self.n_layer)
         self.stats = [LayerStats() for _ in range(self.n_layer)]
         self.activations = np.zeros((self.n_layer, self.n_expert), dtype=np.int64)
+        self.miss_cost: MissCost | None = None  # measured by the device model (cuda_model.calibrate)
         self._predicted: list[set[int] | None] = [None] * self.n_layer
 
     @property
@@ -163,6 +173,7 @@ class ExpertCache:
 
     def prepare(self, layer: int, routing: Routing) -> Plan:
         st, ids = self.stats[layer], routing.experts                         # ids (T, k)
+        self.arena.begin()
         st.tokens += ids.shape[0]
         np.add.at(self.activations[layer], ids.ravel(), 1)
         self._score_prediction(layer, ids)
@@ -187,9 +198,10 @@ class ExpertCache:
                 pinned.add(key)
             else:
                 self.policy.use(key, hit=False, hot=False)
-                experts[e] = self.cold[layer][e]
+                n_cold = int((sel & (tiers == Tier.COLD)).sum())
+                experts[e] = self._cold(layer, e, n_cold)
                 st.bytes_moved += experts[e].nbytes
-                st.cold += int((sel & (tiers == Tier.COLD)).sum())
+                st.cold += n_cold
         return Plan(experts, weights)
 
     def prefetch(self, layer: int, experts: np.ndarray) -> None:
@@ -229,6 +241,18 @@ class ExpertCache:
         st.loads += 1
         st.bytes_moved += src.nbytes
         return expert
+
+    def _cold(self, layer: int, e: int, tokens: int) -> Expert:
+        """The cold copy, uploaded to a staging slot when placement (or the cost model) puts it on the GPU."""
+        src = self.cold[layer][e]
+        place = self.opt.miss_placement
+        gpu = place == Placement.GPU or (place == Placement.AUTO and self.miss_cost is not None
+                                         and self.miss_cost.gpu_faster(tokens))
+        staged = self.arena.stage(src) if gpu else None
+        if staged is None:
+            return src
+        self.stats[layer].cold_uploaded += tokens
+        return staged
 
     def _stream(self, layer: int, e: int) -> Expert:
         """No slot can be freed (the budget is below one layer's selection): compute from the mmap directly."""

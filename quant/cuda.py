@@ -5,7 +5,7 @@ uint16) and are decoded inside the kernels, with the same per-block semantics as
 kernels.py and the reference dequantizers in dequant.py (block layouts: ggml-common.h).
 
 Design (one kernel per type and product, all built by `_build` from a per-type block decoder):
-  * one warp per weight row, WARPS rows per thread block (blockDim = (32, WARPS));
+  * one warp per weight row, WARPS rows per thread block (blockDim = (32, WARPS); LANES below);
   * a row is split into "parts" of PW contiguous weights (8 for the 32-weight blocks, 16 - one scale
     sub-block - for the 256-weight K-quant super-blocks, 1 for the float types); lane l takes parts
     l, l + 32, ..., so a warp reads a contiguous stretch of the row per step;
@@ -38,6 +38,9 @@ except Exception:  # pragma: no cover - depends on the machine
 
 F32 = np.float32
 WARPS = 4   # weight rows (warps) per thread block
+# Lanes per row: a warp on the GPU. The simulator runs every thread as a Python thread, so there a row
+# gets 4 lanes (each taking 8x the parts): same code and decoding, an eighth of the threads.
+LANES = 4 if _SIM else 32
 MT = 4      # activation rows each GEMM pass accumulates per decoded part
 PWMAX = 16  # largest part: one 16-weight sub-block of a K-quant
 
@@ -78,16 +81,16 @@ if _SIM:
     def _warp_sum(v: float) -> float:
         """The shuffle tree below, emulated: the simulator has no warp shuffles. Every thread of the block
         publishes its value to shared memory; lane 0 then replays the tree (same order, same result) on
-        the warp's 32 values. Two barriers rather than ten, as each costs much in the simulator; they need
+        the warp's LANES values. Two barriers rather than ten, as each costs much in the simulator; they need
         uniform control flow, which the kernels keep."""
-        buf = cuda.shared.array((WARPS, 32), np.float32)
+        buf = cuda.shared.array((WARPS, LANES), np.float32)
         w, lane = cuda.threadIdx.y, cuda.threadIdx.x
         cuda.syncthreads()  # the previous call's reads are done
         buf[w, lane] = v
         cuda.syncthreads()
         if lane == 0:
             t = buf[w].copy()
-            off = 16
+            off = LANES // 2
             while off > 0:
                 for l in range(off):
                     t[l] += t[l + off]
@@ -341,7 +344,7 @@ def _build(dq: Callable, bs: int, ts: int, parts: int) -> tuple[Callable, Callab
         wv = cuda.local.array(PWMAX, np.float32)
         acc = F32(0)
         if r < w.shape[0]:
-            for t in range(lane, x.shape[0] // bs * parts, 32):
+            for t in range(lane, x.shape[0] // bs * parts, LANES):
                 k = t // parts
                 p = t - k * parts
                 dq(w, r, k * ts, p, wv)
@@ -365,7 +368,7 @@ def _build(dq: Callable, bs: int, ts: int, parts: int) -> tuple[Callable, Callab
             for j in range(MT):
                 acc[j] = F32(0)
             if r < w.shape[0]:
-                for t in range(lane, X.shape[1] // bs * parts, 32):
+                for t in range(lane, X.shape[1] // bs * parts, LANES):
                     k = t // parts
                     p = t - k * parts
                     dq(w, r, k * ts, p, wv)  # decoded once for up to MT activation rows
@@ -460,7 +463,7 @@ def _device_output(out: Any, shape: tuple[int, ...], stream: Any) -> Any:
 
 
 def _grid(rows: int) -> tuple[int, tuple[int, int]]:
-    return (rows + WARPS - 1) // WARPS, (32, WARPS)
+    return (rows + WARPS - 1) // WARPS, (LANES, WARPS)
 
 
 def matvec(w_dev: Any, qtype: QTypeLike, x_dev: Any, out_dev: Any = None, stream: Any = 0) -> Any:

@@ -1,6 +1,8 @@
 """The GPU hot tier (engine/cuda_arena.py) behind the expert cache; on Numba's CUDA simulator without a GPU."""
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -27,7 +29,8 @@ def _experts(qtype: QType, n_layer: int = 2, seed: int = 0) -> list[list[Expert]
 def test_uploaded_expert_computes_as_on_the_cpu(qtype: QType) -> None:
     from hotcold.engine.cuda_arena import CudaArena
     hot = _experts(qtype)
-    arena = CudaArena(2, hot[0][0].nbytes)
+    from hotcold.engine.cuda_memory import Gpu
+    arena = CudaArena(2, hot[0][0].nbytes, Gpu())
     gpu = arena.load((0, 1), hot[0][1])
     x = np.random.default_rng(1).standard_normal((2, H)).astype(np.float32)
     for rows in (x[:1], x):                                             # GEMV and GEMM paths
@@ -38,9 +41,10 @@ def test_uploaded_expert_computes_as_on_the_cpu(qtype: QType) -> None:
 
 def test_cache_on_the_gpu_matches_the_ram_cache_and_keeps_its_budget() -> None:
     from hotcold.engine.cuda_arena import CudaArena
+    from hotcold.engine.cuda_memory import Gpu
     hot = _experts(QType.Q8_0)
     opt = ResidencyOptions.build("50%", device="cuda")
-    gpu, ram = ExpertCache(hot, opt, None, CudaArena), ExpertCache(hot, opt, None, Arena)
+    gpu, ram = ExpertCache(hot, opt, None, partial(CudaArena, gpu=Gpu())), ExpertCache(hot, opt, None, Arena)
     rng = np.random.default_rng(2)
     router = rng.standard_normal((E, H)).astype(np.float32)
     for step in range(4):
@@ -52,9 +56,3 @@ def test_cache_on_the_gpu_matches_the_ram_cache_and_keeps_its_budget() -> None:
         assert np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         assert gpu.arena.used_bytes <= gpu.budget_bytes == gpu.arena.device_bytes
     assert gpu.report()["hits"] == ram.report()["hits"] and gpu.report()["bytes_moved"] == ram.report()["bytes_moved"]
-
-
-def test_vram_budget_needs_the_cuda_device(tmp_path) -> None:
-    from hotcold.engine.api import Model
-    with pytest.raises(ValueError, match="vram_budget needs device='cuda'"):
-        Model(tmp_path / "unused.gguf", vram_budget="1GiB")

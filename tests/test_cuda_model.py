@@ -1,0 +1,126 @@
+"""The GPU forward pass (engine/cuda_model.py) against the CPU engine, on micro models of every architecture.
+
+Without a GPU these run on Numba's CUDA simulator (conftest sets NUMBA_ENABLE_CUDASIM=1), which runs each
+GPU thread as a Python thread: hence micro models (tests/micro_models.py) and a few tokens.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import micro_models
+from hotcold.engine.gguf_file import GGUFFile
+from hotcold.engine.model import MmapExperts, Transformer
+from hotcold.engine.residency import MissCost, ResidencyOptions
+from hotcold.engine.store import ExpertCache, cold_experts
+from hotcold.quant import QType, cuda as qcuda
+
+pytestmark = pytest.mark.skipif(not qcuda.available(), reason="no CUDA GPU and no simulator")
+
+PROMPT, NEXT = np.array([3, 17]), np.array([29])
+
+
+def _close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def _gpu_model(path: Path, budget: int | None = None, n_batch: int = 4):
+    from hotcold.engine.cuda_memory import Gpu
+    from hotcold.engine.cuda_model import CudaTransformer
+    gpu = Gpu(budget)
+    return CudaTransformer(GGUFFile(path), 16, gpu, n_batch), gpu
+
+
+@pytest.mark.parametrize("variant", list(micro_models.VARIANTS))
+def test_gpu_logits_match_the_cpu_engine(tmp_path: Path, variant: str) -> None:
+    path = micro_models.write(variant, tmp_path / f"{variant}.gguf")
+    cpu = Transformer(GGUFFile(path), 16)
+    dev, gpu = _gpu_model(path)
+    _close(dev.forward(PROMPT, all_logits=True), cpu.forward(PROMPT, all_logits=True))   # prefill
+    _close(dev.forward(NEXT), cpu.forward(NEXT))                                          # decode
+    assert dev.n_past == cpu.n_past == 3
+
+
+def _hot_cold(tmp_path: Path) -> tuple[Path, list]:
+    """The mixtral micro model at Q8_0 and the same experts at Q4_0 (same seed: same float weights)."""
+    hot = micro_models.write("mixtral", tmp_path / "hot.gguf", QType.Q8_0)
+    cold_file = GGUFFile(micro_models.write("mixtral", tmp_path / "cold.gguf", QType.Q4_0))
+    return hot, cold_experts(cold_file, micro_models.L)
+
+
+def _run(model: Transformer) -> np.ndarray:
+    return np.concatenate([model.forward(PROMPT, all_logits=True), model.forward(NEXT)])
+
+
+@pytest.mark.parametrize("placement", ["gpu", "cpu"])
+def test_cold_misses_on_either_side_match_the_ram_cache(tmp_path: Path, placement: str) -> None:
+    from hotcold.engine.cuda_model import device_cache
+    path, cold = _hot_cold(tmp_path)
+    opt = ResidencyOptions.build("25%", miss="cold", prefetch=1, device="cuda", miss_placement=placement)
+    cpu = Transformer(GGUFFile(path), 16)
+    ram = ExpertCache(MmapExperts(cpu.blocks).experts, opt, cold)
+    cpu.experts, cpu.prefetch = ram, 1
+    dev, _ = _gpu_model(path)
+    vram = device_cache(dev, MmapExperts(dev.blocks).experts, opt, cold)
+    dev.experts, dev.prefetch = vram, 1
+    _close(_run(dev), _run(cpu))
+    got, want = vram.report(), ram.report()
+    for k in ("hits", "misses", "cold", "loads", "prefetched", "bytes_moved"):
+        assert got[k] == want[k], k
+    assert want["cold"] > 0 and want["prefetched"] > 0
+    assert (got["cold_uploaded"] == got["cold"]) if placement == "gpu" else got["cold_uploaded"] == 0
+
+
+def test_auto_placement_follows_the_measured_cost(tmp_path: Path) -> None:
+    from hotcold.engine.cuda_model import device_cache
+    path, cold = _hot_cold(tmp_path)
+    dev, _ = _gpu_model(path)
+    cache = device_cache(dev, MmapExperts(dev.blocks).experts,
+                         ResidencyOptions.build("25%", miss="cold", device="cuda"), cold)
+    cost = cache.miss_cost
+    assert cost is not None and cost.n > 1 and min(cost.gpu_s + cost.cpu_s) > 0   # measured at load
+    dev.experts = cache
+    cache.miss_cost = MissCost(4, gpu_s=(1e-6, 2e-6), cpu_s=(1e-3, 4e-3))          # the GPU way is cheaper
+    dev.forward(PROMPT)
+    uploaded = cache.report()["cold_uploaded"]
+    assert uploaded == cache.report()["cold"] > 0
+    cache.miss_cost = MissCost(4, gpu_s=(1e-3, 2e-3), cpu_s=(1e-6, 4e-6))          # the CPU way is cheaper
+    dev.forward(NEXT)
+    assert cache.report()["cold_uploaded"] == uploaded < cache.report()["cold"]
+
+
+def test_the_vram_budget_bounds_every_allocation(tmp_path: Path) -> None:
+    from hotcold.engine.cuda_memory import VRAMBudgetError
+    from hotcold.engine.cuda_model import device_cache
+    path, cold = _hot_cold(tmp_path)
+    _, probe = _gpu_model(path)
+    dense = probe.used                                       # dense weights, rope tables, KV cache, buffers
+    slot = MmapExperts(Transformer(GGUFFile(path), 16).blocks).experts[0][0].nbytes
+    budget = dense + micro_models.K * max(e.nbytes for layer in cold for e in layer) + 3 * slot + slot // 2
+    before = probe.memory_info()
+    dev, gpu = _gpu_model(path, budget)
+    cache = device_cache(dev, MmapExperts(dev.blocks).experts,
+                         ResidencyOptions.build("100%", miss="adaptive", device="cuda", miss_placement="gpu"), cold)
+    assert cache.arena.n_slots == 3                          # what the dense part and the staging slots leave
+    dev.experts, dev.prefetch = cache, 1
+    _run(dev)
+    assert gpu.used <= budget and sum(gpu.parts.values()) == gpu.used
+    if before is not None:                                   # a real GPU: ask the CUDA allocator too
+        assert before[0] - gpu.memory_info()[0] <= budget + probe.used + (2 << 20)
+    with pytest.raises(VRAMBudgetError, match="raise vram_budget"):
+        _gpu_model(path, dense // 2)
+
+
+def test_vram_budget_options_are_checked_before_loading(tmp_path: Path) -> None:
+    from hotcold.engine.api import Model
+    unused = tmp_path / "unused.gguf"
+    with pytest.raises(ValueError, match="vram_budget needs device='cuda'"):
+        Model(unused, vram_budget="1GiB")
+    with pytest.raises(ValueError, match="give a size"):
+        Model(unused, device="cuda", vram_budget="25%")
+    with pytest.raises(ValueError, match="not both"):
+        Model(unused, device="cuda", vram_budget="1GiB", expert_budget="25%")
