@@ -64,7 +64,8 @@ def test_matmul(t: QType) -> None:
 
 
 def test_two_super_blocks_per_row() -> None:
-    """512 columns: each of the 32 lanes gets one 16-weight Q5_K part, from two different super-blocks."""
+    """512 columns, 32 16-weight Q5_K parts from two super-blocks: on a GPU one per lane of the warp, on the
+    simulator (qcuda.LANES = 4) eight per lane."""
     raw, rng = case(QType.Q5_K, rows=3, n=512, seed=2)
     x = rng.standard_normal(512).astype(np.float32)
     check(qcuda.matvec(raw, QType.Q5_K, x).copy_to_host(), raw, QType.Q5_K, x)

@@ -5,6 +5,7 @@ GPU thread as a Python thread: hence micro models (tests/micro_models.py) and a 
 """
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,32 @@ def test_vram_budget_options_are_checked_before_loading(tmp_path: Path) -> None:
         Model(unused, device="cuda", vram_budget="25%")
     with pytest.raises(ValueError, match="not both"):
         Model(unused, device="cuda", vram_budget="1GiB", expert_budget="25%")
+
+
+@pytest.mark.skipif(qcuda.simulated(), reason="needs a real CUDA GPU, not the simulator")
+def test_trained_model_on_the_gpu_under_a_vram_budget(trained_q8: Path) -> None:
+    """The shipped trained model with a quarter of its experts' bytes in VRAM, misses by gate weight:
+    logits against the CPU engine with the same cache, and the CUDA allocator's account of the model."""
+    from numba import cuda
+
+    from hotcold.engine.api import Model
+    text = "The :mod:`array` module defines an object type which can compactly represent an array of values"
+    free0 = cuda.current_context().get_memory_info()[0]
+    probe = Model(trained_q8, n_ctx=256, device="cuda", expert_budget="0%")
+    dense = probe.gpu.used
+    experts = sum(e.nbytes for layer in probe.cache.hot for e in layer)
+    del probe
+    gc.collect()
+    cuda.current_context().deallocations.clear()             # numba frees lazily: flush the probe's memory
+    budget = dense + experts // 4
+    opts = dict(miss="adaptive", prefetch=1)
+    gpu = Model(trained_q8, n_ctx=256, device="cuda", vram_budget=budget, miss_placement="gpu", **opts)
+    cpu = Model(trained_q8, n_ctx=256, expert_budget=gpu.cache.budget_bytes, **opts)
+    ids = cpu.tokenize(text)
+    got, want = gpu.logits(ids), cpu.logits(ids)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    assert gpu.expert_stats()["hits"] == cpu.expert_stats()["hits"]
+    assert gpu.expert_stats()["cold_uploaded"] > 0
+    assert gpu.gpu.used <= budget
+    assert free0 - cuda.current_context().get_memory_info()[0] <= budget + (64 << 20)   # + CUDA's own pools
