@@ -101,22 +101,27 @@ def main() -> None:
     n_cpu_moe = round((1.0 - args.expert_share) * n_layer)     # llama.cpp: experts of N layers stay on the CPU
     share = (n_layer - n_cpu_moe) / n_layer                     # hotcold: the same share in its arena
     prompt = [1] + [int(t) for t in np.random.default_rng(0).integers(3, 4000, size=args.prompt - 1)]
-    runs = [("all experts on the GPU (kernels)", 0, 1.0), (f"{share:.0%} of experts on the GPU", n_cpu_moe, share)]
+    runs = [("all experts on the GPU (kernels)", 0, 1.0, args.prefetch),
+            (f"{share:.0%} of experts on the GPU", n_cpu_moe, share, args.prefetch),
+            (f"{share:.0%} of experts on the GPU, no prefetch (overlap off)", n_cpu_moe, share, 0)]
     print(f"model {model.name}: {model.stat().st_size / 2**30:.2f} GiB, {n_layer} layers; "
           f"--n-cpu-moe {n_cpu_moe} <-> expert_budget {share:.1%}; {args.prompt}-token prompt, {args.decode} decoded, "
           f"{args.threads} CPU threads")
     if args.dry_run:
-        for name, n, s in runs:
+        for name, n, s, pf in runs:
             print(f"- {name}: llama-bench -m {model} -ngl 99 --n-cpu-moe {n} -p {args.prompt} -n {args.decode}; "
-                  f"hotcold Model.load(device='cuda', expert_budget='{s:.4%}', prefetch={args.prefetch})")
+                  f"hotcold Model.load(device='cuda', expert_budget='{s:.4%}', prefetch={pf})")
         return
     exe = build_llama_bench(args.build)
     print("\n| configuration | hotcold prompt t/s | llama.cpp prompt t/s | ratio | hotcold decode t/s | "
           "llama.cpp decode t/s | ratio | hotcold hit rate | hotcold VRAM GiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, n, s in runs:
-        hp, hd, rep = hotcold(model, s, prompt, args.decode, args.prefetch)
-        lp, ld = llama_bench(exe, model, n, args.prompt, args.decode, args.threads)
+    llama: dict[int, tuple[float, float]] = {}
+    for name, n, s, pf in runs:
+        hp, hd, rep = hotcold(model, s, prompt, args.decode, pf)
+        if n not in llama:
+            llama[n] = llama_bench(exe, model, n, args.prompt, args.decode, args.threads)
+        lp, ld = llama[n]
         hits = rep["hits"] / max(rep["hits"] + rep["misses"], 1)
         print(f"| {name} | {hp:.1f} | {lp:.1f} | {hp / lp:.2f}x | {hd:.1f} | {ld:.1f} | {hd / ld:.2f}x | "
               f"{hits:.2f} | {rep['vram_used'] / 2**30:.2f} |", flush=True)

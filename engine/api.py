@@ -37,6 +37,7 @@ class Model:
                  miss_t2: float = 0.9, device: str = "cpu", vram_budget: str | int | None = None,
                  miss_placement: str = "auto") -> None:
         t0 = time.perf_counter()
+        self.verbose = verbose
         vram = self._vram_bytes(vram_budget, device, expert_budget)
         self.path = Path(path)
         if n_threads is not None:
@@ -67,7 +68,6 @@ class Model:
             self.cache = self._expert_cache(opt, cold_path)
         self.tokenizer = Tokenizer.from_metadata(self.metadata)
         self.seed = seed
-        self.verbose = verbose
         self._tokens: list[int] = []  # what the KV cache holds
         self.timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
 

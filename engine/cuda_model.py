@@ -204,14 +204,6 @@ class CudaTransformer(Transformer):
             s.y[:T].copy_to_device(acc, stream=st)
             ck.add(out, s.y[:T], st)
 
-    def _prefetch(self, il: int, hh: np.ndarray) -> None:
-        cfg = self.cfg
-        for ahead in range(il + 1, min(il + 1 + self.prefetch, cfg.n_layer)):   # HOBBIT: next layers' gates on h
-            router = self.blocks[ahead].ffn_gate_inp
-            if router is not None:
-                guess = route(hh @ router.T, cfg.n_expert_used, cfg.spec.norm_topk, self.experts.bias(ahead))
-                self.experts.prefetch(ahead, guess.experts)                     # (T, k) predicted
-
     def _ffn_dev(self, il: int, d: DeviceBlock, h: Any, T: int) -> None:
         """s.a[:T] = the FFN of h: dense SwiGLU, or routed experts plus the gated shared expert."""
         s, st = self.s, self.gpu.compute

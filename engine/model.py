@@ -148,15 +148,20 @@ class Transformer:
         if b.ffn is not None:
             return b.ffn.swiglu(h)                                              # dense SwiGLU
         out, _ = moe_forward(h, b.ffn_gate_inp, cfg.n_expert_used, cfg.spec.norm_topk, self.experts, il)
-        for ahead in range(il + 1, min(il + 1 + self.prefetch, cfg.n_layer)):  # HOBBIT: next layers' gates on h
-            router = self.blocks[ahead].ffn_gate_inp
-            if router is not None:
-                guess = route(h @ router.T, cfg.n_expert_used, cfg.spec.norm_topk, self.experts.bias(ahead))
-                self.experts.prefetch(ahead, guess.experts)                     # (T, k) predicted
+        self._prefetch(il, h)
         if b.shexp is not None:                                                 # shared expert, sigmoid-gated
             gate = 1.0 / (1.0 + np.exp(-(h @ b.ffn_gate_inp_shexp)))            # (T,)
             out += gate[:, None].astype(np.float32) * b.shexp.swiglu(h)
         return out
+
+    def _prefetch(self, il: int, h: np.ndarray) -> None:
+        """HOBBIT: the next `prefetch` layers' routers on this layer's FFN input predict their experts."""
+        cfg = self.cfg
+        for ahead in range(il + 1, min(il + 1 + self.prefetch, cfg.n_layer)):
+            router = self.blocks[ahead].ffn_gate_inp
+            if router is not None:
+                guess = route(h @ router.T, cfg.n_expert_used, cfg.spec.norm_topk, self.experts.bias(ahead))
+                self.experts.prefetch(ahead, guess.experts)                     # (T, k) predicted
 
     def forward(self, tokens: np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Append `tokens` to the context; logits (T, n_vocab) for every token, or (1, n_vocab) for the last."""

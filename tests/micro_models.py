@@ -1,4 +1,4 @@
-"""Micro GGUF models of every supported architecture, written directly (no tokenizer, 48-token vocabulary).
+"""Micro GGUF models of every supported architecture, written directly (a 48-token letter vocabulary).
 
 Small enough for Numba's CUDA simulator, which runs each GPU thread as a Python thread: the GPU forward
 pass is checked against the CPU engine on these (the CPU engine itself is checked against transformers
@@ -43,6 +43,12 @@ def write(variant: str, out: Path, qtype: QType = QType.Q8_0, seed: int = 0) -> 
     if moe:
         w.add_expert_count(E)
         w.add_expert_used_count(K)
+    # a SentencePiece vocabulary of single letters, enough for the API to load (tests pass token ids)
+    pieces = ["<unk>", "<s>", "</s>"] + [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(V - 3)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores([0.0] * 3 + [-float(i) for i in range(V - 3)])
+    w.add_token_types([2, 3, 3] + [1] * (V - 3))
 
     def mat(*shape: int, std: float = 0.2) -> tuple[np.ndarray, QType]:
         a = (rng.standard_normal(shape) * std).astype(np.float32)

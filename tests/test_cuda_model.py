@@ -116,6 +116,22 @@ def test_the_vram_budget_bounds_every_allocation(tmp_path: Path) -> None:
         _gpu_model(path, dense // 2)
 
 
+def test_the_api_on_the_gpu_under_a_vram_budget(tmp_path: Path) -> None:
+    """Model(device="cuda", vram_budget=...): the hot slots take what the dense part leaves; same logits as
+    the CPU Model with an arena of the same size."""
+    from hotcold.engine.api import Model
+    path = micro_models.write("mixtral", tmp_path / "m.gguf")
+    probe = Model(path, n_ctx=16, n_batch=4, device="cuda", expert_budget="0%")
+    slot = max(e.nbytes for layer in probe.cache.hot for e in layer)
+    budget = probe.gpu.used + 5 * slot + slot // 3
+    gpu = Model(path, n_ctx=16, n_batch=4, device="cuda", vram_budget=budget, prefetch=1)
+    assert gpu.cache.arena.n_slots == 5 and gpu.gpu.used <= budget
+    cpu = Model(path, n_ctx=16, n_batch=4, expert_budget=gpu.cache.budget_bytes, prefetch=1)
+    ids = [1, 7, 30, 4, 12]                                  # two forward batches of n_batch=4
+    _close(gpu.logits(ids), cpu.logits(ids))
+    assert gpu.expert_stats()["loads"] == cpu.expert_stats()["loads"] > 0
+
+
 def test_vram_budget_options_are_checked_before_loading(tmp_path: Path) -> None:
     from hotcold.engine.api import Model
     unused = tmp_path / "unused.gguf"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from hotcold.engine.gguf_file import GGUFError
 from hotcold.engine.moe import Expert, Routing, SelectionBias, route
-from hotcold.engine.residency import Budget, MissMode, ResidencyOptions, Tier, eras_bias, miss_tiers
+from hotcold.engine.residency import Budget, MissCost, MissMode, ResidencyOptions, Tier, eras_bias, miss_tiers
 from hotcold.engine.store import ExpertCache
 from hotcold.engine.weights import QMatrix
 from hotcold.quant import QType, quantize
@@ -64,6 +64,17 @@ def test_options_errors_name_the_choices() -> None:
         ResidencyOptions.build("25%", cache_policy="random")
     with pytest.raises(ValueError, match="t1=0.9, t2=0.6"):
         ResidencyOptions.build("25%", t1=0.9, t2=0.6)
+    with pytest.raises(ValueError, match="unknown miss_placement 'disk'.*auto, gpu, cpu"):
+        ResidencyOptions.build("25%", miss_placement="disk")
+
+
+def test_miss_cost_picks_the_cheaper_side_per_token_count() -> None:
+    """Upload + GPU compute costs mostly the upload (flat in tokens); CPU compute grows with tokens."""
+    cost = MissCost(8, gpu_s=(1.0e-3, 1.1e-3), cpu_s=(0.5e-3, 2.5e-3))
+    assert not cost.gpu_faster(1)                               # one token: the CPU wins (no upload)
+    assert cost.gpu_faster(8) and cost.gpu_faster(64)           # a prompt's worth: the upload pays off
+    crossover = next(n for n in range(1, 9) if cost.gpu_faster(n))
+    assert crossover == 3                                       # 1.0+0.1*2/7 < 0.5+2.0*2/7
 
 
 def test_miss_tiers_follow_the_weight_ranked_above() -> None:
@@ -173,6 +184,7 @@ def test_cold_misses_fill_free_slots_then_use_the_cold_copy() -> None:
     assert plan.experts[0] is c.cold[1][0] and set(c.arena.slot_of) == {(0, 0), (0, 1)}
     assert (c.stats[1].cold, c.stats[1].loads) == (2, 0)
     assert c.stats[1].bytes_moved == 2 * c.cold[1][0].nbytes
+    assert c.stats[1].cold_uploaded == 0                         # a RAM arena stages nothing
 
 
 def test_adaptive_misses_load_compute_cold_or_skip() -> None:
