@@ -94,8 +94,9 @@ class Uploader:
         self.done: list[Any] = [None, None]
         self.turn = 0
 
-    def upload(self, dst: Any, src: Expert) -> CudaExpert:
-        """Queue `src`'s three matrices into device bytes `dst`; the result is usable once `ready` fires."""
+    def upload(self, dst: Any, src: Expert, reused: bool = True) -> CudaExpert:
+        """Queue `src`'s three matrices into device bytes `dst`; the result is usable once `ready` fires.
+        `reused`: `dst` held an expert before, which compute queued earlier may still read."""
         i, self.turn = self.turn, self.turn ^ 1
         if self.done[i] is not None:
             self.done[i].synchronize()                                # the buffer's last upload has left
@@ -106,7 +107,8 @@ class Uploader:
             buf[off:off + n] = m.raw.reshape(-1)
             mats.append(CudaMatrix.view(dst[off:off + n], m))
             off += n
-        self.gpu.after_compute()                                      # the slot's last reader has run
+        if reused:
+            self.gpu.after_compute()                                  # the slot's last reader has run
         dst[:off].copy_to_device(buf[:off], stream=self.gpu.upload)
         self.done[i] = ready = self.gpu.event(self.gpu.upload)
         return CudaExpert(*mats, ready=ready)
@@ -122,6 +124,7 @@ class CudaArena(Arena):
         self.stage_buf = gpu.empty((stage_slots, stage_bytes), np.uint8, "cold staging slots") if stage_slots else None
         self.uploader = Uploader(gpu, max(slot_bytes, stage_bytes))
         self.staged = 0
+        self.filled: set[int] = set()  # slots that have held an expert
 
     def _allocate(self, n_slots: int, slot_bytes: int) -> Any:
         return self.gpu.empty((n_slots, slot_bytes), np.uint8, "hot expert slots")
@@ -132,7 +135,9 @@ class CudaArena(Arena):
         return int(self.buf.shape[0]) * int(self.buf.shape[1])
 
     def _place(self, slot: int, src: Expert) -> Expert:
-        return self.uploader.upload(self.buf[slot], src)
+        reused = slot in self.filled
+        self.filled.add(slot)
+        return self.uploader.upload(self.buf[slot], src, reused)
 
     def begin(self) -> None:
         self.staged = 0

@@ -114,6 +114,9 @@ def test_the_vram_budget_bounds_every_allocation(tmp_path: Path) -> None:
         assert before[0] - gpu.memory_info()[0] <= budget + probe.used + (2 << 20)
     with pytest.raises(VRAMBudgetError, match="raise vram_budget"):
         _gpu_model(path, dense // 2)
+    tight, _ = _gpu_model(path, dense + slot // 2)
+    with pytest.warns(UserWarning, match="no room for hot experts"):
+        device_cache(tight, MmapExperts(tight.blocks).experts, ResidencyOptions.build("100%", device="cuda"), None)
 
 
 def test_the_api_on_the_gpu_under_a_vram_budget(tmp_path: Path) -> None:
