@@ -4,9 +4,9 @@ Attention, norms, router, shared experts, dense FFNs and the output head run on 
 quantized bytes (uploaded once, counted against the VRAM budget); the routed experts come from the
 expert store, which hands back GPU experts (resident, or cold copies staged for this layer) and host
 experts (cold copies computed on the CPU, Fiddler's placement). Per MoE layer the router logits and the
-normed hidden state come down once (the store decides on the host); GPU experts are queued first, then
-the prefetch uploads for later layers, then the CPU experts run while the GPU works, and their sum goes
-up once. Every buffer is allocated here at load, sized for n_batch tokens: the decode loop allocates
+normed hidden state come down once (the store decides on the host); GPU experts are queued first, the
+CPU experts run while the GPU works and their sum goes up once, then prefetch queues the uploads for
+later layers, which overlap the next layers' compute. Every buffer is allocated here at load, sized for n_batch tokens: the decode loop allocates
 nothing on the device.
 """
 from __future__ import annotations
@@ -195,7 +195,6 @@ class CudaTransformer(Transformer):
             e.run(xs, s.ff(s.g, n, e.gate.rows), s.ff(s.u, n, e.gate.rows), s.y[:n], st)
             ck.scatter_add(out, s.rows[off:off + n], s.w[off:off + n], s.y[:n], st)
             off += n
-        self._prefetch(il, hh)                                                   # uploads overlap the above
         on_cpu = [g for g in groups if not isinstance(g[0], CudaExpert)]
         if on_cpu:                                                               # Fiddler: CPU while the GPU works
             acc = s.cpu_out[:T]
@@ -204,6 +203,7 @@ class CudaTransformer(Transformer):
                 acc[tokens] += w[:, None] * e.swiglu(hh[tokens])                 # (n, n_embd)
             s.y[:T].copy_to_device(acc, stream=st)
             ck.add(out, s.y[:T], st)
+        self._prefetch(il, hh)                                                   # uploads overlap the next layer
 
     def _ffn_dev(self, il: int, d: DeviceBlock, h: Any, T: int) -> None:
         """s.a[:T] = the FFN of h: dense SwiGLU, or routed experts plus the gated shared expert."""
