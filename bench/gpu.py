@@ -6,8 +6,8 @@ The setting of issue #6: an MoE that does not fit the GPU. A Mixtral-shaped Q4_K
 on the GPU and the same share of experts, (L - N) / L of them, in its VRAM arena, the rest served by its
 residency machinery (LRU, misses loaded hot, prefetch one layer ahead). The first row, every expert on
 the GPU, compares the GEMV kernels alone (Numba CUDA against ggml-cuda), the measurement behind the kernel
-choice. llama.cpp is built from the vendored source in the llama-cpp-python sdist (tests/reference_convert
-finds it, or HOTCOLD_LLAMA_CPP_SRC) with -DGGML_CUDA=ON, once, into --build.
+choice. llama.cpp is built from the vendored source in the llama-cpp-python sdist (--llama-src, or
+HOTCOLD_LLAMA_CPP_SRC) with -DGGML_CUDA=ON, once, into --build.
 
     python bench/gpu.py [--gb 8] [--expert-share 0.25] [--prompt 64] [--decode 128] [--dry-run]
 
@@ -27,24 +27,24 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from decode import generate_gguf  # noqa: E402
 
 from hotcold.engine.gguf_file import GGUFFile  # noqa: E402
 
 
-def build_llama_bench(build: Path) -> Path:
-    """llama-bench with CUDA from the vendored llama.cpp source; cached in `build`."""
+def build_llama_bench(src: Path | None, build: Path) -> Path:
+    """llama-bench with CUDA from llama.cpp's C/C++ sources (the sdist's vendor/llama.cpp); cached in `build`."""
     exe = build / "bin" / "llama-bench"
     if exe.is_file():
         return exe
-    from reference_convert import source_tree
-    src = source_tree()
-    if src is None:
-        raise SystemExit("llama.cpp source not found: set HOTCOLD_LLAMA_CPP_SRC to the vendored llama.cpp folder "
-                         "of the llama-cpp-python sdist (pip download --no-deps --no-binary :all: llama-cpp-python)")
+    if src is None or not (src / "CMakeLists.txt").is_file() or not (src / "ggml").is_dir():
+        raise SystemExit(
+            f"llama.cpp's C/C++ sources not found at {src}: `pip download --no-deps --no-binary :all: "
+            "llama-cpp-python -d DIR`, unpack it, and pass --llama-src DIR/llama_cpp_python-*/vendor/llama.cpp "
+            "(or set HOTCOLD_LLAMA_CPP_SRC)")
     subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DGGML_CUDA=ON", "-DLLAMA_CURL=OFF",
-                    "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"], check=True)
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+                    "-DCMAKE_CUDA_ARCHITECTURES=native"], check=True)
     subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", "-j", str(os.cpu_count() or 2)],
                    check=True)
     return exe
@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--prefetch", type=int, default=1)
+    src = os.environ.get("HOTCOLD_LLAMA_CPP_SRC")
+    ap.add_argument("--llama-src", type=Path, default=Path(src) if src else None,
+                    help="llama.cpp's source tree, C/C++ included (default: $HOTCOLD_LLAMA_CPP_SRC)")
     ap.add_argument("--build", type=Path, default=Path.home() / ".cache" / "hotcold" / "llama-cuda-build")
     ap.add_argument("--work", type=Path, default=None, help="where the generated model goes (default: a temp dir)")
     ap.add_argument("--dry-run", action="store_true")
@@ -112,7 +115,7 @@ def main() -> None:
             print(f"- {name}: llama-bench -m {model} -ngl 99 --n-cpu-moe {n} -p {args.prompt} -n {args.decode}; "
                   f"hotcold Model.load(device='cuda', expert_budget='{s:.4%}', prefetch={pf})")
         return
-    exe = build_llama_bench(args.build)
+    exe = build_llama_bench(args.llama_src, args.build)
     print("\n| configuration | hotcold prompt t/s | llama.cpp prompt t/s | ratio | hotcold decode t/s | "
           "llama.cpp decode t/s | ratio | hotcold hit rate | hotcold VRAM GiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
