@@ -128,10 +128,13 @@ class ResidencyOptions:
             raise ValueError(f"prefetch={prefetch}: layers ahead must be >= 0")
         if not 0.0 <= t1 <= t2 <= 1.0:
             raise ValueError(f"miss thresholds t1={t1}, t2={t2}: need 0 <= t1 <= t2 <= 1")
+        dev, place = enum_of(Device, device, "device"), enum_of(Placement, miss_placement, "miss_placement")
+        if dev == Device.CPU and place != Placement.AUTO:
+            raise ValueError(f"miss_placement={place.value!r} (--miss-placement) needs device='cuda' (--device cuda): "
+                             "on the CPU every miss already runs on the CPU")
         return cls(Budget.parse(expert_budget), enum_of(CachePolicy, cache_policy, "cache_policy"),
                    enum_of(MissMode, miss, "miss mode"), float(eras_alpha), float(eras_beta), int(prefetch),
-                   enum_of(Device, device, "device"), enum_of(Placement, miss_placement, "miss_placement"),
-                   float(t1), float(t2))
+                   dev, place, float(t1), float(t2))
 
 
 def miss_tiers(weights: np.ndarray, t1: float, t2: float) -> np.ndarray:

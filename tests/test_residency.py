@@ -66,6 +66,8 @@ def test_options_errors_name_the_choices() -> None:
         ResidencyOptions.build("25%", t1=0.9, t2=0.6)
     with pytest.raises(ValueError, match="unknown miss_placement 'disk'.*auto, gpu, cpu"):
         ResidencyOptions.build("25%", miss_placement="disk")
+    with pytest.raises(ValueError, match="miss_placement='gpu'.*needs device='cuda'"):
+        ResidencyOptions.build("25%", miss_placement="gpu")
 
 
 def test_miss_cost_picks_the_cheaper_side_per_token_count() -> None:
