@@ -287,8 +287,8 @@ def device_cache(model: CudaTransformer, hot: Sequence[Sequence[Expert]], opt: R
         opt = replace(opt, expert_budget=Budget(nbytes=max(gpu.left - stage_slots * stage_bytes, 0)))
     arena = partial(CudaArena, gpu=gpu, stage_slots=stage_slots, stage_bytes=stage_bytes)
     cache = ExpertCache(hot, opt, cold, arena)
-    if cache.arena.n_slots == 0 and any(hot):
-        warnings.warn(f"the VRAM budget leaves no room for hot experts (it holds {gpu.used / 2**20:.1f} MiB of dense "
+    if gpu.budget is not None and cache.arena.n_slots == 0 and any(hot):
+        warnings.warn(f"the VRAM budget leaves no room for hot experts (it holds {gpu.used / 2**20:.2f} MiB of dense "
                       "weights, KV cache and buffers): every expert runs on the CPU; raise vram_budget "
                       "(--vram-budget) or lower n_ctx / n_batch", stacklevel=3)
     if cold and opt.miss_placement == Placement.AUTO:
