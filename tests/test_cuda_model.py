@@ -133,6 +133,9 @@ def test_the_api_on_the_gpu_under_a_vram_budget(tmp_path: Path) -> None:
     ids = [1, 7, 30, 4, 12]                                  # two forward batches of n_batch=4
     _close(gpu.logits(ids), cpu.logits(ids))
     assert gpu.expert_stats()["loads"] == cpu.expert_stats()["loads"] > 0
+    # generation reuses the KV cache's common prefix (ids[:3]) and decodes token by token on the device
+    greedy = dict(max_tokens=2, temperature=0, ignore_eos=True)
+    assert "".join(gpu.generate(ids[:4], **greedy)) == "".join(cpu.generate(ids[:4], **greedy))
 
 
 def test_vram_budget_options_are_checked_before_loading(tmp_path: Path) -> None:
