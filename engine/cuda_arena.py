@@ -48,14 +48,6 @@ class CudaMatrix:
         else:
             qcuda.matmul(self.dev, self.qtype, x, out, stream)
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """Host in, host out (tests and one-off use)."""
-        from numba import cuda
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        out = cuda.device_array((x.shape[0], self.rows), dtype=np.float32)
-        self.product(cuda.to_device(x), out, 0)
-        return out.copy_to_host()
-
 
 @dataclass(frozen=True)
 class CudaExpert(Expert):

@@ -167,6 +167,13 @@ def _sigmoid_gate_add(out, g, y):  # out[t] += sigmoid(g[t, 0]) * y[t] (qwen2moe
         out[t, j % n] += y[t, j % n] / (F32(1) + math.exp(-g[t, 0]))
 
 
+@_jit
+def _fill(x, v):  # x[:] = v over a flat view
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        x[i] = v
+
+
 def _blocks(n: int) -> int:
     return max((n + THREADS - 1) // THREADS, 1)
 
@@ -218,17 +225,6 @@ def scatter_add(out: Any, rows: Any, w: Any, y: Any, stream: Any) -> None:
 def sigmoid_gate_add(out: Any, g: Any, y: Any, stream: Any) -> None:
     """out += sigmoid(g) * y for g (T, 1)."""
     _sigmoid_gate_add[_blocks(out.size), THREADS, stream](out, g, y)
-
-
-def available() -> bool:
-    return cuda is not None and qcuda.available()
-
-
-@_jit
-def _fill(x, v):  # x[:] = v over a flat view
-    i = cuda.grid(1)
-    if i < x.shape[0]:
-        x[i] = v
 
 
 def zero(x: Any, stream: Any) -> None:

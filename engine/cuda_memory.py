@@ -54,9 +54,6 @@ class Gpu:
         self._take(n, what)
         return self.cuda.device_array(shape, dtype=dtype)
 
-    def zeros(self, shape: tuple[int, ...] | int, dtype: Any, what: str) -> Any:
-        return self.upload_array(np.zeros(shape, dtype=dtype), what)
-
     def upload_array(self, host: np.ndarray, what: str) -> Any:
         """A device copy of `host`, counted; synchronous (used at load, not per token)."""
         host = np.ascontiguousarray(host)
