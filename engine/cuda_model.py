@@ -6,8 +6,8 @@ expert store, which hands back GPU experts (resident, or cold copies staged for 
 experts (cold copies computed on the CPU, Fiddler's placement). Per MoE layer the router logits and the
 normed hidden state come down once (the store decides on the host); GPU experts are queued first, the
 CPU experts run while the GPU works and their sum goes up once, then prefetch queues the uploads for
-later layers, which overlap the next layers' compute. Every buffer is allocated here at load, sized for n_batch tokens: the decode loop allocates
-nothing on the device.
+later layers, which overlap the next layers' compute. Every buffer is allocated here at load, sized for
+n_batch tokens: the decode loop allocates nothing on the device.
 """
 from __future__ import annotations
 
