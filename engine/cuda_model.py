@@ -58,7 +58,7 @@ class Scratch:
     """Device and page-locked host buffers for up to n_batch tokens."""
 
     def __init__(self, gpu: Gpu, n_batch: int, n_embd: int, n_q: int, n_ff: int, n_expert: int, k: int,
-                 n_vocab: int) -> None:
+                 n_vocab: int, logit_rows: int) -> None:
         f32 = np.float32
         N = n_batch
         self.x = gpu.empty((N, n_embd), f32, "activations")      # the residual stream
@@ -75,7 +75,7 @@ class Scratch:
         self.rows = gpu.empty(N * max(k, 1), np.int64, "activations")
         self.w = gpu.empty(N * max(k, 1), f32, "activations")
         self.pos = gpu.empty(N, np.int64, "activations")
-        self.logits = gpu.empty((N, n_vocab), f32, "activations")
+        self.logits = gpu.empty((logit_rows, n_vocab), f32, "activations")
         self.x_host = gpu.pinned((N, n_embd), f32)                # embeddings going up
         self.h_host = gpu.pinned((N, n_embd), f32)                # normed state coming down
         self.cpu_out = gpu.pinned((N, n_embd), f32)               # the CPU experts' sum going up
@@ -83,7 +83,7 @@ class Scratch:
         self.rows_host = gpu.pinned(N * max(k, 1), np.int64)
         self.w_host = gpu.pinned(N * max(k, 1), f32)
         self.pos_host = gpu.pinned(N, np.int64)
-        self.logits_host = gpu.pinned((N, n_vocab), f32)
+        self.logits_host = gpu.pinned((logit_rows, n_vocab), f32)
 
     def ff(self, buf: Any, n: int, n_ff: int) -> Any:
         return buf[:n * n_ff].reshape(n, n_ff)
@@ -123,6 +123,8 @@ def upload_block(gpu: Gpu, b: Block) -> DeviceBlock:
 class CudaTransformer(Transformer):
     """Transformer whose forward() runs on the GPU; the expert store decides where routed experts run."""
 
+    logit_rows = 64  # head outputs per pass: all-logits prefill comes down in chunks (vocabularies are large)
+
     def __init__(self, f: GGUFFile, n_ctx: int, gpu: Gpu, n_batch: int) -> None:
         super().__init__(f, n_ctx)
         cfg = self.cfg
@@ -138,7 +140,7 @@ class CudaTransformer(Transformer):
         n_ff = max([b.ffn_gate_exps.rows for b in self.blocks if b.ffn_gate_exps is not None]
                    + [e.gate.rows for b in self.blocks for e in (b.ffn, b.shexp) if e is not None] + [1])
         self.s = Scratch(gpu, n_batch, cfg.n_embd, cfg.n_head * cfg.head_dim, n_ff, cfg.n_expert,
-                         cfg.n_expert_used, cfg.n_vocab)
+                         cfg.n_expert_used, cfg.n_vocab, min(self.logit_rows, n_batch))
 
     def _attention_dev(self, d: DeviceBlock, il: int, h: Any, T: int, p0: int) -> None:
         """s.a[:T] = attention of h (T, n_embd); appends the new keys and values to the device cache."""
@@ -241,12 +243,15 @@ class CudaTransformer(Transformer):
             ck.add(x, s.a[:T], st)                                               # residual
         self.n_past += T
         n = T if all_logits else 1
-        last = x[T - n:T]
-        ck.rms_norm(last, self.d_output_norm, cfg.rms_eps, s.h[:n], st)          # final norm
-        self.d_output.product(s.h[:n], s.logits[:n], st)                         # (n, n_vocab)
-        s.logits[:n].copy_to_host(s.logits_host[:n], stream=st)
-        st.synchronize()
-        return s.logits_host[:n].copy()
+        ck.rms_norm(x[T - n:T], self.d_output_norm, cfg.rms_eps, s.h[:n], st)   # final norm
+        out = np.empty((n, cfg.n_vocab), dtype=np.float32)
+        for i in range(0, n, s.logits.shape[0]):
+            m = min(s.logits.shape[0], n - i)
+            self.d_output.product(s.h[i:i + m], s.logits[:m], st)                # (m, n_vocab)
+            s.logits[:m].copy_to_host(s.logits_host[:m], stream=st)
+            st.synchronize()
+            out[i:i + m] = s.logits_host[:m]
+        return out
 
     def calibrate(self, arena: CudaArena, cold: Expert, n: int = 8, reps: int = 2) -> MissCost:
         """Time one cold miss both ways, for 1 and n tokens: upload + GPU compute, and CPU compute."""
