@@ -121,11 +121,6 @@ class CudaArena(Arena):
     def _allocate(self, n_slots: int, slot_bytes: int) -> Any:
         return self.gpu.empty((n_slots, slot_bytes), np.uint8, "hot expert slots")
 
-    @property
-    def device_bytes(self) -> int:
-        """What the slots hold on the device (the expert budget's bound)."""
-        return int(self.buf.shape[0]) * int(self.buf.shape[1])
-
     def _place(self, slot: int, src: Expert) -> Expert:
         reused = slot in self.filled
         self.filled.add(slot)

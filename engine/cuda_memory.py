@@ -66,16 +66,15 @@ class Gpu:
         """Page-locked host memory: copies from it run asynchronously (pageable ones do not)."""
         return self.cuda.pinned_array(shape, dtype=dtype)
 
-    def after_compute(self) -> None:
-        """Make later uploads wait for the compute queued so far."""
-        ev = self.cuda.event()
-        ev.record(self.compute)
-        ev.wait(self.upload)
-
     def event(self, stream: Any) -> Any:
+        """An event that fires when the work queued on `stream` so far is done."""
         ev = self.cuda.event()
         ev.record(stream)
         return ev
+
+    def after_compute(self) -> None:
+        """Make later uploads wait for the compute queued so far."""
+        self.event(self.compute).wait(self.upload)
 
     def memory_info(self) -> tuple[int, int] | None:
         """(free, total) bytes of the device, as the CUDA allocator reports them; None on the simulator."""

@@ -90,13 +90,11 @@ class Scratch:
 
 
 def _matrix(gpu: Gpu, m: QMatrix) -> CudaMatrix:
-    dst = gpu.empty(m.raw.nbytes, np.uint8, DENSE)
-    dst.copy_to_device(np.ascontiguousarray(m.raw).reshape(-1))
-    return CudaMatrix.view(dst, m)
+    return CudaMatrix.view(gpu.upload_array(m.raw.reshape(-1), DENSE), m)
 
 
 def _f32_matrix(gpu: Gpu, a: np.ndarray) -> CudaMatrix:
-    a = np.ascontiguousarray(a, dtype=np.float32).reshape(-1, a.shape[-1])
+    a = np.ascontiguousarray(a, dtype=np.float32)                             # (rows, cols)
     return _matrix(gpu, QMatrix(a.view(np.uint8), QType.F32, a.shape[0], a.shape[1]))
 
 
@@ -126,29 +124,29 @@ class CudaTransformer(Transformer):
     logit_rows = 64  # head outputs per pass: all-logits prefill comes down in chunks (vocabularies are large)
 
     def __init__(self, f: GGUFFile, n_ctx: int, gpu: Gpu, n_batch: int) -> None:
+        self.gpu, self.n_batch = gpu, n_batch
         super().__init__(f, n_ctx)
         cfg = self.cfg
-        self.gpu, self.n_batch = gpu, n_batch
         self.dev = [upload_block(gpu, b) for b in self.blocks]
         self.d_output_norm = _vector(gpu, self.output_norm)
         self.d_output = _matrix(gpu, self.output)
         self.d_cos = gpu.upload_array(self.rope_cos, "rope tables")
         self.d_sin = gpu.upload_array(self.rope_sin, "rope tables")
-        kv = (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim)
-        self.d_k = gpu.empty(kv, np.float32, "KV cache")
-        self.d_v = gpu.empty(kv, np.float32, "KV cache")
         n_ff = max([b.ffn_gate_exps.rows for b in self.blocks if b.ffn_gate_exps is not None]
                    + [e.gate.rows for b in self.blocks for e in (b.ffn, b.shexp) if e is not None] + [1])
         self.s = Scratch(gpu, n_batch, cfg.n_embd, cfg.n_head * cfg.head_dim, n_ff, cfg.n_expert,
                          cfg.n_expert_used, cfg.n_vocab, min(self.logit_rows, n_batch))
+
+    def _new_kv_cache(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
+        return self.gpu.empty(shape, np.float32, "KV cache"), self.gpu.empty(shape, np.float32, "KV cache")
 
     def _attention_dev(self, d: DeviceBlock, il: int, h: Any, T: int, p0: int) -> None:
         """s.a[:T] = attention of h (T, n_embd); appends the new keys and values to the device cache."""
         cfg, s, st = self.cfg, self.s, self.gpu.compute
         nh, nkv, hd = cfg.n_head, cfg.n_head_kv, cfg.head_dim
         q = s.q[:T]                                                             # (T, nh*hd)
-        k = self.d_k[il, p0:p0 + T].reshape(T, nkv * hd)                         # straight into the cache
-        v = self.d_v[il, p0:p0 + T].reshape(T, nkv * hd)
+        k = self.k_cache[il, p0:p0 + T].reshape(T, nkv * hd)                         # straight into the cache
+        v = self.v_cache[il, p0:p0 + T].reshape(T, nkv * hd)
         d.attn_q.product(h, q, st)
         d.attn_k.product(h, k, st)
         d.attn_v.product(h, v, st)
@@ -165,7 +163,7 @@ class CudaTransformer(Transformer):
         neox = cfg.spec.rope == RopeStyle.NEOX
         ck.rope(q.reshape(T, nh, hd), s.pos[:T], self.d_cos, self.d_sin, neox, st)
         ck.rope(k.reshape(T, nkv, hd), s.pos[:T], self.d_cos, self.d_sin, neox, st)
-        ck.attention(q.reshape(T, nh, hd), self.d_k[il], self.d_v[il], p0, s.o[:T], st)   # (T, nh*hd)
+        ck.attention(q.reshape(T, nh, hd), self.k_cache[il], self.v_cache[il], p0, s.o[:T], st)   # (T, nh*hd)
         d.attn_output.product(s.o[:T], s.a[:T], st)                              # (T, n_embd)
 
     def _moe_dev(self, il: int, d: DeviceBlock, h: Any, T: int) -> None:
@@ -191,8 +189,8 @@ class CudaTransformer(Transformer):
         off = 0
         for e, rows, w in on_gpu:                                                # queued, not waited for
             n = len(rows)
-            xs = h if n == T and T == 1 else s.xs[:n]
-            if xs is not h:
+            xs = h if T == 1 else s.xs[:n]                                        # decode: the one row as is
+            if T > 1:
                 ck.gather(h, s.rows[off:off + n], xs, st)                        # (n, n_embd)
             e.run(xs, s.ff(s.g, n, e.gate.rows), s.ff(s.u, n, e.gate.rows), s.y[:n], st)
             ck.scatter_add(out, s.rows[off:off + n], s.w[off:off + n], s.y[:n], st)

@@ -107,15 +107,17 @@ class Transformer:
         self.experts: ExpertStore = store or MmapExperts(self.blocks)
         self.prefetch = prefetch  # later layers whose routers predict experts from this layer's input
         self.n_ctx = n_ctx
-        kv = (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim)
-        self.k_cache = np.zeros(kv, dtype=np.float32)
-        self.v_cache = np.zeros(kv, dtype=np.float32)
+        self.k_cache, self.v_cache = self._new_kv_cache((cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim))
         self.n_past = 0
         # rope angles: theta_i = base^(-2i/d) scaled by freq_scale (ggml_rope_ext with ext_factor 0)
         half = cfg.rope_dim // 2
         inv = cfg.rope_base ** (-np.arange(half, dtype=np.float64) * 2.0 / cfg.rope_dim)
         ang = np.arange(n_ctx, dtype=np.float64)[:, None] * (inv[None, :] * cfg.rope_freq_scale)
         self.rope_cos, self.rope_sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+    def _new_kv_cache(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values, (n_layer, n_ctx, n_head_kv, head_dim) each; a device subclass puts them there."""
+        return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
 
     def reset(self) -> None:
         self.n_past = 0
