@@ -35,9 +35,10 @@ import numpy as np
 from numba.core.registry import CPUDispatcher
 from hotcold.engine.gguf_file import GGUFFile
 from hotcold.engine.model import Transformer
-m = Transformer(GGUFFile(sys.argv[1]), n_ctx=64)
-m.forward(np.array([1, 2]))
-m.forward(np.array([3]))
+m = Transformer.load(GGUFFile(sys.argv[1]))
+ctx = m.context(64)
+m.forward(np.array([1, 2]), ctx)
+m.forward(np.array([3]), ctx)
 import gc
 misses = sum(sum(o.stats.cache_misses.values()) for o in gc.get_objects() if isinstance(o, CPUDispatcher))
 print("START", time.perf_counter() - t0, misses)
@@ -110,15 +111,16 @@ def generate_gguf(out: Path, gb: float) -> Path:
 
 
 def bench_hotcold(path: Path, prompt: list[int], n_decode: int) -> tuple[float, float]:
-    m = Transformer(GGUFFile(path), n_ctx=len(prompt) + n_decode + 8)
-    m.forward(np.array(prompt[:4]))  # compile and warm the prompt and the decode paths
-    m.forward(np.array(prompt[4:5]))
-    m.reset()
+    m = Transformer.load(GGUFFile(path))
+    ctx = m.context(len(prompt) + n_decode + 8)
+    m.forward(np.array(prompt[:4]), ctx)  # compile and warm the prompt and the decode paths
+    m.forward(np.array(prompt[4:5]), ctx)
+    ctx.reset()
     t0 = time.perf_counter()
-    logits = m.forward(np.array(prompt))
+    logits = m.forward(np.array(prompt), ctx)
     t1 = time.perf_counter()
     for _ in range(n_decode):
-        logits = m.forward(np.array([int(np.argmax(logits[-1]))]))
+        logits = m.forward(np.array([int(np.argmax(logits[-1]))]), ctx)
     t2 = time.perf_counter()
     return len(prompt) / (t1 - t0), n_decode / (t2 - t1)
 

@@ -66,13 +66,13 @@ def hotcold(model: Path, share: float, prompt: list[int], decode: int, prefetch:
     m = Model.load(model, n_ctx=len(prompt) + decode + 8, device="cuda", expert_budget=f"{share:.6%}",
                    prefetch=prefetch)
     m.logits(prompt[:8])                                  # compile and warm the kernels, fill the arena
-    m.model.forward(np.array([prompt[8]]))
+    m.model.forward(np.array([prompt[8]]), m.ctx)
     m.reset_expert_stats()
     t0 = time.perf_counter()
     logits = m.logits(prompt)[-1]
     t1 = time.perf_counter()
     for _ in range(decode):
-        logits = m.model.forward(np.array([int(np.argmax(logits))]))[-1]
+        logits = m.model.forward(np.array([int(np.argmax(logits))]), m.ctx)[-1]
     t2 = time.perf_counter()
     report = m.expert_stats()
     report["vram_used"] = m.gpu.used

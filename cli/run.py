@@ -11,6 +11,10 @@ from typing import Any
 from hotcold.engine.api import Model
 from hotcold.engine.chat import ChatTemplateError
 from hotcold.engine.gguf_file import GGUFError
+from hotcold.engine.options import Options
+from hotcold.engine.sampling import SamplingParams
+
+from .flags import add_options, given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,45 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="GGUF file (from moe-convert or llama.cpp)")
     p.add_argument("-p", "--prompt", help="complete this prompt and exit")
     p.add_argument("-n", "--n-predict", type=int, default=256, help="tokens to generate (default 256; -1: until EOS)")
-    p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
-    p.add_argument("--top-p", type=float, default=0.95, help="top-p, 1 = off (default 0.95)")
-    p.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off (default 1.0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     p.add_argument("-sys", "--system", default=None, help="system message for the chat")
-    p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward batch (default 512)")
-    p.add_argument("--verbose", action="store_true", help="print load time and prompt/decode speed to stderr")
-    r = p.add_argument_group("expert residency (see README)")
-    r.add_argument("--expert-budget", default=None,
-                   help="hot expert arena size: a share like 25%% or a size like 2GiB (default: no cache)")
-    r.add_argument("--cache-policy", default="lru", choices=["lru", "lfu", "lifo", "hobbit"], help="eviction policy")
-    r.add_argument("--miss", default="hot", choices=["hot", "cold", "adaptive"],
-                   help="a miss loads the hot copy, computes with the cold copy, or decides by gate weight")
-    r.add_argument("--eras-alpha", type=float, default=0.0, help="add to resident experts' routing probability")
-    r.add_argument("--eras-beta", type=float, default=0.0, help="lower non-resident logits by beta*(1-freq)")
-    r.add_argument("--prefetch", type=int, default=0, help="layers ahead to predict and load experts for (0 = off)")
-    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cuda: dense layers, KV cache and hot experts on the GPU")
-    r.add_argument("--vram-budget", default=None,
-                   help="with --device cuda: GPU memory for all of it (e.g. 6GiB); hot experts get what is left")
-    r.add_argument("--miss-placement", default="auto", choices=["auto", "gpu", "cpu"],
-                   help="with --device cuda: cold misses uploaded to the GPU or computed on the CPU "
-                        "(auto: by measured cost)")
-    r.add_argument("--cold", dest="cold_path", default=None, help="cold copies (default: MODEL.cold.gguf)")
+    add_options(p, Options)
+    add_options(p, SamplingParams)
+    r = next(g for g in p._action_groups if g.title == "expert residency (see README)")
     r.add_argument("--stats", action="store_true", help="print per-layer expert cache statistics to stderr")
     r.add_argument("--heatmap", default=None, metavar="PNG", help="save a layer x expert activation heatmap")
     return p
-
-
-def _residency(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(expert_budget=args.expert_budget, cache_policy=args.cache_policy, miss=args.miss,
-                eras_alpha=args.eras_alpha, eras_beta=args.eras_beta, prefetch=args.prefetch, cold_path=args.cold_path,
-                device=args.device, vram_budget=args.vram_budget, miss_placement=args.miss_placement)
 
 
 def _stats(m: Model) -> None:
@@ -75,9 +49,8 @@ def _stats(m: Model) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop or None,
-                ignore_eos=args.ignore_eos)
+    return dict(max_tokens=args.n_predict, stop=args.stop or None, ignore_eos=args.ignore_eos,
+                **given(args, SamplingParams))
 
 
 def _stream(pieces) -> str:
@@ -113,19 +86,18 @@ def chat(m: Model, args: argparse.Namespace) -> None:
         reply = _stream(c["choices"][0]["delta"].get("content", "") for c in chunks)
         print(flush=True)
         history.append({"role": "assistant", "content": reply})
-        if args.verbose:
+        if m.verbose:
             _timings(m)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        m = Model.load(args.model, n_ctx=args.ctx_size, n_threads=args.threads, seed=args.seed,
-                       n_batch=args.batch_size, **_residency(args))
+        m = Model.load(args.model, **given(args, Options))
         if args.prompt is not None:
             _stream(m.generate(args.prompt, **_sampling(args)))
             print(flush=True)
-            if args.verbose:
+            if m.verbose:
                 _timings(m)
         else:
             chat(m, args)

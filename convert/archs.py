@@ -247,9 +247,17 @@ class Qwen3(Arch):
 
 
 class Qwen2Moe(Arch):
-    """Qwen2-MoE: routed experts plus a shared expert with its own sigmoid gate (conversion/qwen.py)."""
+    """Qwen2-MoE: routed experts plus a shared expert with its own sigmoid gate (conversion/qwen.py).
+    Layers in `mlp_only_layers` are dense: their MLP is written as ffn_gate/up/down, which hotcold reads
+    (a layer without a router); llama.cpp's qwen2moe expects every layer routed."""
     hf_names = ("Qwen2MoeForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.QWEN2MOE
+
+    def gguf_name(self, hf_name: str) -> str:
+        m = re.match(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$", hf_name)
+        if m and int(m[1]) in (self.cfg.get("mlp_only_layers") or ()):
+            return f"blk.{m[1]}.ffn_{m[2]}.weight"
+        return super().gguf_name(hf_name)
 
     def write_arch_hparams(self, w: gguf.GGUFWriter) -> None:
         if (n_ff_exp := self.cfg.get("moe_intermediate_size")) is not None:

@@ -6,9 +6,11 @@
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 import uuid
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -18,103 +20,81 @@ from gguf import Keys
 
 from hotcold.keys import cold_path_for
 
+from .backend import Backend, CpuBackend
 from .chat import ChatTemplate
+from .context import Context
+from .experts.cache import ExpertCache
+from .experts.cold import cold_experts, open_cold
+from .experts.rules import MissMode
 from .gguf_file import GGUFFile
-from .model import MmapExperts, Transformer
-from .residency import Budget, Device, ResidencyOptions
-from .store import ExpertCache, cold_experts, open_cold, plain_report
+from .model import Transformer
+from .options import Device, Options
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Detokenizer, Tokenizer
 
 
 class Model:
-    """A loaded GGUF model with one context (KV cache) that successive calls reuse by common prefix."""
+    """A loaded GGUF model with one context (KV cache) that successive calls reuse by common prefix.
 
-    def __init__(self, path: str | Path, n_ctx: int = 2048, n_threads: int | None = None, seed: int | None = None,
-                 verbose: bool = False, n_batch: int = 512, expert_budget: str | int | float | None = None,
-                 cache_policy: str = "lru", miss: str = "hot", eras_alpha: float = 0.0, eras_beta: float = 0.0,
-                 prefetch: int = 0, cold_path: str | Path | None = None, miss_t1: float = 0.6,
-                 miss_t2: float = 0.9, device: str = "cpu", vram_budget: str | int | None = None,
-                 miss_placement: str = "auto") -> None:
+    Keywords are the fields of engine.options.Options (n_ctx, n_batch, n_threads, seed, verbose and the
+    expert residency options), the same as moe-run's flags."""
+
+    def __init__(self, path: str | Path, **options: Any) -> None:
         t0 = time.perf_counter()
-        self.verbose = verbose
-        vram = self._vram_bytes(vram_budget, device, expert_budget)
+        self.options = opt = Options.parse(**options)
+        self.verbose = opt.verbose
         self.path = Path(path)
-        if n_threads is not None:
-            if not 1 <= n_threads <= numba.config.NUMBA_NUM_THREADS:
-                raise ValueError(f"n_threads={n_threads}: this machine allows 1..{numba.config.NUMBA_NUM_THREADS}")
-            numba.set_num_threads(n_threads)
+        if opt.n_threads is not None:
+            numba.set_num_threads(opt.n_threads)
         self.file = GGUFFile(self.path)
         self.metadata: dict[str, Any] = self.file.metadata
-        if n_ctx <= 0:
-            raise ValueError(f"n_ctx={n_ctx} must be positive")
-        if n_batch <= 0:
-            raise ValueError(f"n_batch={n_batch} must be positive")
-        self.n_batch = n_batch
-        opt = ResidencyOptions.build(Budget.parse("100%" if expert_budget is None else expert_budget), cache_policy,
-                                     miss, eras_alpha, eras_beta, prefetch, miss_t1, miss_t2, device, miss_placement)
         self.gpu = None
-        if opt.device == Device.CUDA:  # imported here: numba.cuda is only needed on this path
-            from .cuda_memory import Gpu
-            from .cuda_model import CudaTransformer
-            self.gpu = Gpu(vram)
-            self.model: Transformer = CudaTransformer(self.file, n_ctx, self.gpu, n_batch)
-        else:
-            self.model = Transformer(self.file, n_ctx)
-        self.cache: ExpertCache | None = None
-        residency = (expert_budget is not None or miss != "hot" or eras_alpha or eras_beta or prefetch
-                     or cold_path is not None or opt.device != Device.CPU)
-        if residency:
-            self.cache = self._expert_cache(opt, cold_path)
+        self.model = Transformer.load(self.file, self._backend(opt))
+        # the context's KV cache and buffers come before the arena: on a GPU the arena takes what they leave
+        self.ctx: Context = self.model.context(opt.n_ctx, opt.n_batch)
+        self.cache: ExpertCache | None = self._expert_cache(opt) if opt.residency else None
+        if self.cache is not None:
+            self.ctx.experts = self.cache
         self.tokenizer = Tokenizer.from_metadata(self.metadata)
-        self.seed = seed
-        self._tokens: list[int] = []  # what the KV cache holds
-        self.timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
+        self.seed = opt.seed
+        self._load_s = time.perf_counter() - t0
 
-    def _expert_cache(self, opt: ResidencyOptions, cold_path: str | Path | None) -> ExpertCache:
+    def _backend(self, opt: Options) -> Backend:
+        if opt.device != Device.CUDA:
+            return CpuBackend()
+        from .cuda.backend import CudaBackend  # numba.cuda is only needed on this path
+        from .cuda.memory import Gpu
+        self.gpu = Gpu(opt.vram_budget.nbytes if opt.vram_budget is not None else None)
+        return CudaBackend(self.gpu)
+
+    def _expert_cache(self, opt: Options) -> ExpertCache:
         """The hot arena over this file's experts and, when the miss mode needs them, the cold copies."""
         if not self.model.cfg.is_moe:
             raise ValueError(f"{self.path} is a dense model: expert residency options need an MoE model")
-        mmap = self.model.experts
-        assert isinstance(mmap, MmapExperts)
         cold = None
-        if opt.miss.value != "hot" or cold_path is not None:
-            self.cold_file = open_cold(self.file, Path(cold_path) if cold_path else cold_path_for(self.path))
+        if opt.miss != MissMode.HOT or opt.cold_path is not None:
+            self.cold_file = open_cold(self.file, opt.cold_path or cold_path_for(self.path))
             cold = cold_experts(self.cold_file, self.model.cfg.n_layer)
-        if self.gpu is not None:
-            from .cuda_model import CudaTransformer, device_cache
-            assert isinstance(self.model, CudaTransformer)
-            cache = device_cache(self.model, mmap.experts, opt, cold)
-            if self.verbose and cache.miss_cost is not None:
-                c = cache.miss_cost
-                print(f"cold miss cost: GPU {c.gpu_s[0] * 1e3:.3f}/{c.gpu_s[1] * 1e3:.3f} ms, CPU {c.cpu_s[0] * 1e3:.3f}/"
-                      f"{c.cpu_s[1] * 1e3:.3f} ms for 1/{c.n} tokens", file=sys.stderr)
-        else:
-            cache = ExpertCache(mmap.experts, opt, cold)
-        self.model.experts, self.model.prefetch = cache, opt.prefetch
+        cache = self.model.backend.expert_cache(self.model.experts.experts, opt, cold, self.ctx)
+        if self.verbose and cache.miss_cost is not None:
+            c = cache.miss_cost
+            print(f"cold miss cost: GPU {c.gpu_s[0] * 1e3:.3f}/{c.gpu_s[1] * 1e3:.3f} ms, CPU {c.cpu_s[0] * 1e3:.3f}/"
+                  f"{c.cpu_s[1] * 1e3:.3f} ms for 1/{c.n} tokens", file=sys.stderr)
         return cache
 
-    @staticmethod
-    def _vram_bytes(vram_budget: str | int | None, device: str, expert_budget: object) -> int | None:
-        """The VRAM budget in bytes: everything the model keeps on the GPU (dense weights, KV cache,
-        buffers, expert slots)."""
-        if vram_budget is None:
-            return None
-        if device != "cuda":
-            raise ValueError(f"vram_budget needs device='cuda' (--device cuda), not device={device!r}")
-        if expert_budget is not None:
-            raise ValueError("give vram_budget (the GPU's share: the hot experts get what the dense layers leave) "
-                             "or expert_budget, not both")
-        b = Budget.parse(vram_budget)
-        if b.nbytes is None:
-            raise ValueError(f"vram_budget={vram_budget!r}: give a size such as '6GiB' (a share of the experts "
-                             "is expert_budget, --expert-budget)")
-        return b.nbytes
+    @property
+    def timings(self) -> dict[str, float]:
+        """load_s, and for the last generate(): prompt_tokens, prompt_s, gen_tokens, gen_s."""
+        return {"load_s": self._load_s, **self.ctx.timings}
+
+    @property
+    def last_finish_reason(self) -> str | None:
+        return self.ctx.finish_reason
 
     def expert_stats(self) -> dict[str, Any]:
         """Expert-cache counters: totals under tokens/hits/misses/cold/skipped/bytes_moved, `layers` per layer,
         `activations` (layer x expert selection counts)."""
-        return self.cache.report() if self.cache else plain_report(self.model.cfg.n_layer)
+        return self.ctx.experts.report()
 
     def save_expert_heatmap(self, path: str | Path) -> Path:
         """PNG of the layer x expert activation shares counted so far."""
@@ -122,18 +102,17 @@ class Model:
         return save_heatmap(np.array(self.expert_stats()["activations"]), path, f"{self.path.name}: expert activations")
 
     def reset_expert_stats(self) -> None:
-        if self.cache:
-            self.cache.reset_stats()
+        self.ctx.experts.reset_stats()
 
     @classmethod
-    def load(cls, path: str | Path, n_ctx: int = 2048, n_threads: int | None = None, **options: Any) -> "Model":
-        return cls(path, n_ctx=n_ctx, n_threads=n_threads, **options)
+    def load(cls, path: str | Path, **options: Any) -> "Model":
+        return cls(path, **options)
 
     # --- properties ------------------------------------------------------------------------------------
 
     @property
     def n_ctx(self) -> int:
-        return self.model.n_ctx
+        return self.ctx.n_ctx
 
     @property
     def n_vocab(self) -> int:
@@ -161,24 +140,19 @@ class Model:
         """Bring the KV cache to hold `ids`, reusing the longest common prefix; logits of the new tokens."""
         self._check_fits(len(ids))
         keep = 0
-        for a, b in zip(self._tokens, ids):
+        for a, b in zip(self.ctx.tokens, ids):
             if a != b:
                 break
             keep += 1
-        keep = min(keep, len(ids) - 1)  # always evaluate at least the last token, for its logits
-        self._tokens = list(ids[:keep])
-        out = self._forward(ids[keep:], start=keep, all_logits=all_logits)
-        self._tokens = list(ids)
-        return out
+        self.ctx.seek(min(keep, len(ids) - 1))  # always evaluate at least the last token, for its logits
+        return self._forward(ids[self.ctx.n_past:], all_logits=all_logits)
 
-    def _forward(self, ids: Sequence[int], start: int, all_logits: bool = False) -> np.ndarray:
-        """Evaluate `ids` at positions start.. in batches of n_batch; logits of all of them or of the last."""
-        if start == 0 and self.cache:
-            self.cache.new_sequence()
-        self.model.n_past = start
+    def _forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append `ids` to the context in batches of n_batch; logits of all of them or of the last (the
+        context's buffer, valid until the next forward)."""
+        nb = self.ctx.n_batch
         ids = np.asarray(ids, dtype=np.int64)
-        outs = [self.model.forward(ids[i:i + self.n_batch], all_logits=all_logits)
-                for i in range(0, len(ids), self.n_batch)]
+        outs = [self.model.forward(ids[i:i + nb], self.ctx, all_logits=all_logits) for i in range(0, len(ids), nb)]
         return np.concatenate(outs) if all_logits else outs[-1]
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
@@ -186,10 +160,8 @@ class Model:
         if not ids:
             raise ValueError("logits() needs at least one token")
         self._check_fits(len(ids))
-        self._tokens = []
-        out = self._forward(ids, start=0, all_logits=True)
-        self._tokens = list(ids)
-        return out
+        self.ctx.seek(0)
+        return self._forward(ids, all_logits=True)
 
     def perplexity(self, text: str | Sequence[int], n_ctx: int | None = None) -> float:
         """llama.cpp `perplexity`'s measure: text (or its token ids) cut into chunks of n_ctx tokens, each
@@ -215,13 +187,13 @@ class Model:
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-                 seed: int | None = None, stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                 add_bos: bool = True) -> Iterator[str]:
+                 repeat_last_n: int = 64, seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 ignore_eos: bool = False, add_bos: bool = True) -> Iterator[str]:
         """Yield the completion of `prompt` piece by piece (stops on EOS/EOT, a stop string, or max_tokens)."""
         ids = list(prompt) if not isinstance(prompt, str) else self.tokenize(prompt, add_bos=add_bos, special=True)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         self._check_fits(len(ids) + 1)
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty,
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                                          seed=self.seed if seed is None else seed))
         for t in ids:
             sampler.accept(t)
@@ -232,7 +204,7 @@ class Model:
         text, emitted, n_gen = "", 0, 0
         limit = max_tokens if max_tokens and max_tokens > 0 else self.n_ctx - len(ids)
         finish, cut = "length", False
-        while n_gen < limit and len(self._tokens) < self.n_ctx:
+        while n_gen < limit and self.ctx.n_past < self.n_ctx:
             tok = sampler.sample(logits)
             n_gen += 1
             if self.tokenizer.is_eog(tok) and not ignore_eos:
@@ -250,15 +222,14 @@ class Model:
             if safe > emitted:  # hold back what may be the start of a stop string
                 yield text[emitted:safe]
                 emitted = safe
-            self._tokens.append(tok)
-            logits = self._forward([tok], start=len(self._tokens) - 1)[-1]
+            logits = self._forward([tok])[-1]
         if not cut:
             text += detok.flush()
             if len(text) > emitted:
                 yield text[emitted:]
         t2 = time.perf_counter()
-        self.last_finish_reason = finish
-        self.timings.update(prompt_tokens=len(ids), prompt_s=t1 - t0, gen_tokens=n_gen, gen_s=t2 - t1)
+        self.ctx.finish_reason = finish
+        self.ctx.timings = dict(prompt_tokens=len(ids), prompt_s=t1 - t0, gen_tokens=n_gen, gen_s=t2 - t1)
 
     def create_completion(self, prompt: str, max_tokens: int | None = 16, stream: bool = False,
                           **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
@@ -320,3 +291,10 @@ def _partial_suffix(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
+
+
+# help(Model) and IDEs show the options as keywords
+Model.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+     inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in fields(Options)])

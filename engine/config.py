@@ -1,7 +1,10 @@
 """The model configuration: a frozen dataclass built once from GGUF metadata and tensor shapes.
 
 Per-architecture behaviour is data, not code paths: each supported GGUF architecture maps to an
-ArchSpec (rope style, q/k norm, router normalisation), as llama.cpp's src/models/<arch>.cpp set them.
+ArchSpec (rope style, q/k norm, gating, shared expert, activation, attention kind), as llama.cpp's
+src/models/<arch>.cpp set them. A new family is a new ArchSpec; a new kind of gating or attention is a
+new enum member and one branch where it is computed (engine/moe.py, engine/model.py), and only what
+data cannot say goes into an engine/models/<arch>.py (none is needed yet).
 """
 from __future__ import annotations
 
@@ -24,21 +27,44 @@ class QKNorm(enum.Enum):
     FULL = "full"          # RMSNorm over the whole q / k projection (olmoe)
 
 
+class Gating(enum.Enum):
+    """How router logits become expert scores (llama.cpp's llama_expert_gating_func_type)."""
+    SOFTMAX = "softmax"    # softmax over all experts; top-k by probability; weights are the probabilities
+
+
+class SharedExpert(enum.Enum):
+    NONE = "none"
+    SIGMOID_GATED = "sigmoid_gated"  # qwen2moe: one always-on expert scaled by sigmoid(w . x)
+
+
+class Activation(enum.Enum):
+    """The gated FFN's activation: down(act(gate x) * up x)."""
+    SILU = "silu"          # SwiGLU (llama, mixtral, qwen, olmoe)
+
+
+class Attention(enum.Enum):
+    """The attention kind, which also chooses the KV cache's layout (engine/context.py)."""
+    GQA = "gqa"            # multi-head attention over grouped K/V heads: cache (n_ctx, n_head_kv, head_dim)
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     rope: RopeStyle
     qk_norm: QKNorm
-    norm_topk: bool        # renormalise the selected experts' softmax weights to sum to 1
-    shared_expert: bool    # qwen2moe's always-on expert behind a sigmoid gate
+    norm_topk: bool = False                      # renormalise the selected experts' weights to sum to 1
+    gating: Gating = Gating.SOFTMAX
+    shared_expert: SharedExpert = SharedExpert.NONE
+    activation: Activation = Activation.SILU
+    attention: Attention = Attention.GQA
 
 
 ARCHS: dict[str, ArchSpec] = {
-    "llama": ArchSpec(RopeStyle.NORM, QKNorm.NONE, norm_topk=True, shared_expert=False),
-    "qwen2": ArchSpec(RopeStyle.NEOX, QKNorm.NONE, norm_topk=False, shared_expert=False),
-    "qwen3": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD, norm_topk=False, shared_expert=False),
-    "qwen2moe": ArchSpec(RopeStyle.NEOX, QKNorm.NONE, norm_topk=False, shared_expert=True),
-    "qwen3moe": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD, norm_topk=True, shared_expert=False),
-    "olmoe": ArchSpec(RopeStyle.NEOX, QKNorm.FULL, norm_topk=False, shared_expert=False),
+    "llama": ArchSpec(RopeStyle.NORM, QKNorm.NONE, norm_topk=True),
+    "qwen2": ArchSpec(RopeStyle.NEOX, QKNorm.NONE),
+    "qwen3": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD),
+    "qwen2moe": ArchSpec(RopeStyle.NEOX, QKNorm.NONE, shared_expert=SharedExpert.SIGMOID_GATED),
+    "qwen3moe": ArchSpec(RopeStyle.NEOX, QKNorm.PER_HEAD, norm_topk=True),
+    "olmoe": ArchSpec(RopeStyle.NEOX, QKNorm.FULL),
 }
 
 
@@ -59,10 +85,11 @@ class ModelConfig:
     rms_eps: float
     n_expert: int          # 0 for a dense model
     n_expert_used: int
+    moe_layers: tuple[bool, ...] = ()  # per layer: it has a router (a leading dense layer has none)
 
     @property
     def is_moe(self) -> bool:
-        return self.n_expert > 0
+        return any(self.moe_layers)
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "ModelConfig":
@@ -86,13 +113,17 @@ class ModelConfig:
         factor = float(f.get(Keys.Rope.SCALING_FACTOR.format(arch=arch), 1.0)) if scale_type == "linear" else 1.0
         if scale_type not in ("none", "linear"):
             raise GGUFError(f"{f.path}: rope scaling {scale_type!r} is not supported yet (none, linear are)")
+        n_layer = int(key(Keys.LLM.BLOCK_COUNT))
+        n_expert = int(key(Keys.LLM.EXPERT_COUNT, 0))
+        moe_layers = tuple(n_expert > 0 and f"blk.{i}.ffn_gate_inp.weight" in f.tensors for i in range(n_layer))
         return cls(
             arch=arch, spec=ARCHS[arch], n_vocab=emb.shape[0], n_embd=n_embd,
-            n_layer=int(key(Keys.LLM.BLOCK_COUNT)), n_head=n_head,
+            n_layer=n_layer, n_head=n_head,
             n_head_kv=int(key(Keys.Attention.HEAD_COUNT_KV, n_head)), head_dim=head_dim,
             n_ctx_train=int(key(Keys.LLM.CONTEXT_LENGTH, 4096)),
             rope_base=float(key(Keys.Rope.FREQ_BASE, 10000.0)),
             rope_dim=int(key(Keys.Rope.DIMENSION_COUNT, head_dim)), rope_freq_scale=1.0 / factor,
             rms_eps=float(key(Keys.Attention.LAYERNORM_RMS_EPS)),
-            n_expert=int(key(Keys.LLM.EXPERT_COUNT, 0)), n_expert_used=int(key(Keys.LLM.EXPERT_USED_COUNT, 0)),
+            n_expert=n_expert, n_expert_used=int(key(Keys.LLM.EXPERT_USED_COUNT, 0)),
+            moe_layers=moe_layers,
         )

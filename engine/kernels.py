@@ -1,15 +1,17 @@
-"""Numba kernels for the float parts of a transformer block: RMSNorm, RoPE, causal attention over the KV cache.
+"""Numba kernels for the float parts of a transformer block: RMSNorm, RoPE, causal attention over the KV cache,
+routing, and the MoE step's scatter-add.
 
 One call each instead of a dozen numpy temporaries: at decode (one token) Python overhead, not arithmetic,
 is the cost. Semantics follow ggml: ggml_rms_norm (mean of squares in float64 here, as ggml sums in
-ggml_float), ggml_rope_ext modes NORM and NEOX, and soft_max_ext with the causal mask.
+ggml_float), ggml_rope_ext modes NORM and NEOX, and soft_max_ext with the causal mask. None allocates:
+scratch space comes from the caller's preallocated RunState (engine/context.py).
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import get_thread_id, njit, prange
 
 F32 = np.float32
 
@@ -45,9 +47,10 @@ def rope(x: np.ndarray, pos: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox:
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarray) -> None:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarray, scratch: np.ndarray) -> None:
     """Causal grouped-query attention: q (T, n_head, d) at positions p0.., k/v (n_ctx, n_head_kv, d) filled up
-    to p0 + T; out (T, n_head * d). Each (token, head) is one task; the softmax is max-subtracted."""
+    to p0 + T; out (T, n_head * d). Each (token, head) is one task; the softmax is max-subtracted. `scratch`
+    (threads, n_ctx) holds each thread's scores."""
     T, nh, d = q.shape
     g = nh // k.shape[1]
     scale = F32(1.0 / math.sqrt(d))
@@ -55,7 +58,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndar
         t, h = task // nh, task % nh
         kv = h // g
         n = p0 + t + 1
-        s = np.empty(n, dtype=F32)
+        s = scratch[get_thread_id(), :n]
         m = F32(-np.inf)
         for j in range(n):
             acc = F32(0)
@@ -95,21 +98,27 @@ def _softmax(x: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True)
-def route_topk(logits: np.ndarray, k: int, norm: bool, logit_bias: np.ndarray, prob_bias: np.ndarray,
-               ids: np.ndarray, weights: np.ndarray) -> None:
+def route_softmax_topk(logits: np.ndarray, k: int, norm: bool, logit_bias: np.ndarray, prob_bias: np.ndarray,
+                       ids: np.ndarray, weights: np.ndarray, scratch: np.ndarray) -> None:
     """build_moe_ffn's gating per token: softmax, top-k (ties to the lower id), optional renormalisation.
-    Non-empty biases steer the choice only (MoE-ERAS): the weights are the unbiased probabilities."""
+    Non-empty biases steer the choice only (MoE-ERAS): the weights are the unbiased probabilities.
+    `scratch` is (3, E) float32."""
     T, E = logits.shape
-    probs = np.empty(E, dtype=F32)
-    score = np.empty(E, dtype=F32)
+    probs = scratch[0]
+    score = scratch[1]
+    biased = scratch[2]
     for t in range(T):
         _softmax(logits[t], probs)
         if logit_bias.shape[0]:
-            _softmax(logits[t] + logit_bias, score)
+            for e in range(E):
+                biased[e] = logits[t, e] + logit_bias[e]
+            _softmax(biased, score)
         else:
-            score[:] = probs
+            for e in range(E):
+                score[e] = probs[e]
         if prob_bias.shape[0]:
-            score += prob_bias
+            for e in range(E):
+                score[e] += prob_bias[e]
         total = F32(0)
         for j in range(k):
             best = 0
@@ -123,3 +132,20 @@ def route_topk(logits: np.ndarray, k: int, norm: bool, logit_bias: np.ndarray, p
         if norm:
             for j in range(k):
                 weights[t, j] /= total
+
+
+@njit(cache=True)
+def scatter_add(out: np.ndarray, rows: np.ndarray, w: np.ndarray, y: np.ndarray) -> None:
+    """out[rows[i]] += w[i] * y[i] for y (n, cols); product then sum, each rounded (numpy's order)."""
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for j in range(y.shape[1]):
+            out[r, j] += w[i] * y[i, j]
+
+
+@njit(cache=True)
+def scatter_add_block(out: np.ndarray, w: np.ndarray, y: np.ndarray) -> None:
+    """out[i] += w[i] * y[i] for the contiguous rows out (n, cols) (a slice of tokens)."""
+    for i in range(y.shape[0]):
+        for j in range(y.shape[1]):
+            out[i, j] += w[i] * y[i, j]

@@ -1,70 +1,67 @@
-"""The transformer forward pass on the CPU for every supported architecture (llama.cpp src/models/*.cpp).
+"""The transformer forward pass for every supported architecture (llama.cpp src/models/*.cpp), once, over a backend.
 
-Straight lines over the weights, one comment per step (after llama2.c). Attributes are named like
-the GGUF tensors; what differs between architectures is data in config.ArchSpec.
+Straight lines over the weights, one comment per step (after llama2.c): the Transformer holds the weights
+(immutable, on the backend's device), a Context (engine/context.py) the KV cache and the buffers every step
+writes to, and the backend (engine/backend.py, engine/cuda/backend.py) the kernels. Attributes are named like
+the GGUF tensors (after tinygrad's llm/); what differs between architectures is data in config.ArchSpec.
+The MoE step itself is engine/moe.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
-from . import kernels
-from .config import ModelConfig, QKNorm, RopeStyle
+from .backend import Backend, CpuBackend
+from .config import ModelConfig, QKNorm, RopeStyle, SharedExpert
+from .context import Context
+from .experts.expert import Expert
+from .experts.mmap import MmapExperts, mmap_experts
 from .gguf_file import GGUFFile
-from .moe import Expert, ExpertStore, Plan, Routing, SelectionBias, moe_forward, route
-from .weights import QMatrix, QStack, WeightReader
+from .moe import ExpertStore, moe
+from .weights import DenseMatrix, QMatrix, QStack, WeightReader
 
 
 @dataclass(frozen=True)
 class Block:
-    attn_norm: np.ndarray
-    attn_q: QMatrix
-    attn_k: QMatrix
-    attn_v: QMatrix
-    attn_output: QMatrix
-    attn_q_bias: np.ndarray | None
-    attn_k_bias: np.ndarray | None
-    attn_v_bias: np.ndarray | None
-    attn_q_norm: np.ndarray | None
-    attn_k_norm: np.ndarray | None
-    ffn_norm: np.ndarray
-    ffn: Expert | None                 # dense models
-    ffn_gate_inp: np.ndarray | None    # router (n_expert, n_embd)
-    ffn_gate_exps: QStack | None
+    """One layer's weights; vectors are float32 arrays, matrices QMatrix (DenseMatrix for routers). A layer
+    is an MoE layer when it has a router; its experts stay in the file, where the expert store reads them."""
+    attn_norm: Any
+    attn_q: Any
+    attn_k: Any
+    attn_v: Any
+    attn_output: Any
+    attn_q_bias: Any
+    attn_k_bias: Any
+    attn_v_bias: Any
+    attn_q_norm: Any
+    attn_k_norm: Any
+    ffn_norm: Any
+    ffn: Expert | None                # a dense layer's FFN
+    ffn_gate_inp: Any                 # the router (n_expert, n_embd)
+    ffn_gate_exps: QStack | None      # the routed experts, (n_expert, n_ff, n_embd) ...
     ffn_up_exps: QStack | None
     ffn_down_exps: QStack | None
-    shexp: Expert | None               # qwen2moe shared expert
-    ffn_gate_inp_shexp: np.ndarray | None
-
-
-class MmapExperts:
-    """The plain expert store: every expert read straight from the memory-mapped file."""
-
-    def __init__(self, blocks: list[Block]) -> None:
-        self.experts = [[Expert(b.ffn_gate_exps[e], b.ffn_up_exps[e], b.ffn_down_exps[e])
-                         for e in range(b.ffn_gate_exps.count)] if b.ffn_gate_exps is not None else []
-                        for b in blocks]
-
-    def bias(self, layer: int) -> SelectionBias | None:
-        return None
-
-    def prepare(self, layer: int, routing: Routing) -> Plan:
-        return Plan(self.experts[layer], routing.weights)
-
-    def prefetch(self, layer: int, experts: np.ndarray) -> None:
-        pass
+    shexp: Expert | None              # qwen2moe's shared expert
+    ffn_gate_inp_shexp: Any           # ... and its gate, one row (n_embd,)
 
 
 def _opt_vector(w: WeightReader, name: str) -> np.ndarray | None:
     return w.vector(name) if w.has(name) else None
 
 
+def _ffn(w: WeightReader, p: str, suffix: str) -> Expert:
+    return Expert(w.matrix(f"{p}ffn_gate{suffix}.weight"), w.matrix(f"{p}ffn_up{suffix}.weight"),
+                  w.matrix(f"{p}ffn_down{suffix}.weight"))
+
+
 def load_blocks(cfg: ModelConfig, w: WeightReader) -> list[Block]:
+    """Every layer's weights as zero-copy views of the file (vectors copied to float32)."""
     blocks = []
+    shared = cfg.spec.shared_expert is SharedExpert.SIGMOID_GATED
     for i in range(cfg.n_layer):
-        p = f"blk.{i}."
-        moe = cfg.is_moe
+        p, moe_layer = f"blk.{i}.", cfg.moe_layers[i]
         blocks.append(Block(
             attn_norm=w.vector(p + "attn_norm.weight"),
             attn_q=w.matrix(p + "attn_q.weight"), attn_k=w.matrix(p + "attn_k.weight"),
@@ -73,113 +70,129 @@ def load_blocks(cfg: ModelConfig, w: WeightReader) -> list[Block]:
             attn_v_bias=_opt_vector(w, p + "attn_v.bias"),
             attn_q_norm=_opt_vector(w, p + "attn_q_norm.weight"), attn_k_norm=_opt_vector(w, p + "attn_k_norm.weight"),
             ffn_norm=w.vector(p + "ffn_norm.weight"),
-            ffn=None if moe else Expert(w.matrix(p + "ffn_gate.weight"), w.matrix(p + "ffn_up.weight"),
-                                        w.matrix(p + "ffn_down.weight")),
-            ffn_gate_inp=w.dense(p + "ffn_gate_inp.weight") if moe else None,
-            ffn_gate_exps=w.stack(p + "ffn_gate_exps.weight") if moe else None,
-            ffn_up_exps=w.stack(p + "ffn_up_exps.weight") if moe else None,
-            ffn_down_exps=w.stack(p + "ffn_down_exps.weight") if moe else None,
-            shexp=Expert(w.matrix(p + "ffn_gate_shexp.weight"), w.matrix(p + "ffn_up_shexp.weight"),
-                         w.matrix(p + "ffn_down_shexp.weight")) if cfg.spec.shared_expert else None,
-            ffn_gate_inp_shexp=w.vector(p + "ffn_gate_inp_shexp.weight") if cfg.spec.shared_expert else None,
+            ffn=None if moe_layer else _ffn(w, p, ""),
+            ffn_gate_inp=w.dense(p + "ffn_gate_inp.weight") if moe_layer else None,
+            ffn_gate_exps=w.stack(p + "ffn_gate_exps.weight") if moe_layer else None,
+            ffn_up_exps=w.stack(p + "ffn_up_exps.weight") if moe_layer else None,
+            ffn_down_exps=w.stack(p + "ffn_down_exps.weight") if moe_layer else None,
+            shexp=_ffn(w, p, "_shexp") if moe_layer and shared else None,
+            ffn_gate_inp_shexp=w.dense_row(p + "ffn_gate_inp_shexp.weight") if moe_layer and shared else None,
         ))
     return blocks
 
 
-def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * w over the last axis (ggml_rms_norm then ggml_mul)."""
-    out = np.empty(x.shape, dtype=np.float32)
-    kernels.rms_norm(x.reshape(-1, x.shape[-1]), w, eps, out.reshape(-1, x.shape[-1]))
-    return out
-
-
 class Transformer:
-    """Weights, rope tables and the KV cache of one context; forward() appends tokens to it."""
+    """A model's weights on one backend: immutable and shared by every Context made from it."""
 
-    def __init__(self, f: GGUFFile, n_ctx: int, store: ExpertStore | None = None, prefetch: int = 0) -> None:
-        self.cfg = cfg = ModelConfig.from_gguf(f)
+    def __init__(self, cfg: ModelConfig, blocks: Sequence[Block], token_embd: QMatrix, output_norm: np.ndarray,
+                 output: QMatrix, backend: Backend | None = None) -> None:
+        self.cfg = cfg
+        self.backend = be = backend or CpuBackend()
+        self.token_embd = token_embd                                 # looked up on the host
+        self.host_routers: list[DenseMatrix | None] = [b.ffn_gate_inp for b in blocks]  # prefetch runs there
+        # the file's experts, read where they lie: the plain store, and the source every other store copies from
+        self.experts = MmapExperts(mmap_experts([(b.ffn_gate_exps, b.ffn_up_exps, b.ffn_down_exps)
+                                                 if b.ffn_gate_exps is not None else None for b in blocks]))
+        self.n_ff = max([b.ffn_gate_exps.rows for b in blocks if b.ffn_gate_exps is not None]
+                        + [e.gate.rows for b in blocks for e in (b.ffn, b.shexp) if e is not None] + [1])
+        self.blocks = [be.place_fields(b) for b in blocks]
+        self.output_norm = be.place(output_norm)
+        self.output = be.place(output)
+
+    @classmethod
+    def load(cls, f: GGUFFile, backend: Backend | None = None) -> "Transformer":
+        cfg = ModelConfig.from_gguf(f)
         w = WeightReader(f)
-        self.token_embd = "token_embd.weight"
-        self.w = w
-        self.output_norm = w.vector("output_norm.weight")
-        self.output = w.matrix("output.weight") if w.has("output.weight") else w.matrix("token_embd.weight")
-        self.blocks = load_blocks(cfg, w)
-        self.experts: ExpertStore = store or MmapExperts(self.blocks)
-        self.prefetch = prefetch  # later layers whose routers predict experts from this layer's input
-        self.n_ctx = n_ctx
-        self.k_cache, self.v_cache = self._new_kv_cache((cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim))
-        self.n_past = 0
-        # rope angles: theta_i = base^(-2i/d) scaled by freq_scale (ggml_rope_ext with ext_factor 0)
-        half = cfg.rope_dim // 2
-        inv = cfg.rope_base ** (-np.arange(half, dtype=np.float64) * 2.0 / cfg.rope_dim)
-        ang = np.arange(n_ctx, dtype=np.float64)[:, None] * (inv[None, :] * cfg.rope_freq_scale)
-        self.rope_cos, self.rope_sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        embd = w.matrix("token_embd.weight")
+        output = w.matrix("output.weight") if w.has("output.weight") else embd   # tied embeddings
+        return cls(cfg, load_blocks(cfg, w), embd, w.vector("output_norm.weight"), output, backend)
 
-    def _new_kv_cache(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values, (n_layer, n_ctx, n_head_kv, head_dim) each; a device subclass puts them there."""
-        return np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+    def context(self, n_ctx: int, n_batch: int = 512, experts: ExpertStore | None = None) -> Context:
+        """A new context (KV cache and buffers, on this model's backend)."""
+        return Context(self, n_ctx, n_batch, experts)
 
-    def reset(self) -> None:
-        self.n_past = 0
+    def logit_rows(self, n_batch: int) -> int:
+        """Rows of the head's output buffer: 1 on the host (all-logits passes write to their result
+        directly), up to 64 on a device (vocabularies are large; longer passes come down in chunks)."""
+        return 1 if self.backend.host_memory else min(64, n_batch)
 
-    def _attention(self, b: Block, il: int, h: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        cfg = self.cfg
-        T, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.n_head, cfg.n_head_kv
-        q = b.attn_q.apply(h)                                                   # (T, nh*hd)
-        k = b.attn_k.apply(h)                                                   # (T, nkv*hd)
-        v = b.attn_v.apply(h)                                                   # (T, nkv*hd)
-        if b.attn_q_bias is not None:
-            q, k, v = q + b.attn_q_bias, k + b.attn_k_bias, v + b.attn_v_bias
-        if cfg.spec.qk_norm == QKNorm.FULL:                                     # olmoe: over the projection
-            q, k = rms_norm(q, b.attn_q_norm, cfg.rms_eps), rms_norm(k, b.attn_k_norm, cfg.rms_eps)
-        q, k, v = q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
-        if cfg.spec.qk_norm == QKNorm.PER_HEAD:                                 # qwen3: per head
-            q, k = rms_norm(q, b.attn_q_norm, cfg.rms_eps), rms_norm(k, b.attn_k_norm, cfg.rms_eps)
-        neox = cfg.spec.rope == RopeStyle.NEOX
-        kernels.rope(q, pos, self.rope_cos, self.rope_sin, neox)               # (T, nh, hd) in place
-        kernels.rope(k, pos, self.rope_cos, self.rope_sin, neox)               # (T, nkv, hd) in place
-        p0 = int(pos[0])
-        self.k_cache[il, p0:p0 + T] = k                                         # append to the cache
-        self.v_cache[il, p0:p0 + T] = v
-        o = np.empty((T, nh * hd), dtype=np.float32)
-        kernels.attention(q, self.k_cache[il], self.v_cache[il], p0, o)        # (T, nh*hd) causal softmax(qK^T)V
-        return b.attn_output.apply(o)                                           # (T, n_embd)
+    # --- the forward pass -----------------------------------------------------------------------------
 
-    def _ffn(self, b: Block, il: int, h: np.ndarray) -> np.ndarray:
-        cfg = self.cfg
-        if b.ffn is not None:
-            return b.ffn.swiglu(h)                                              # dense SwiGLU
-        out, _ = moe_forward(h, b.ffn_gate_inp, cfg.n_expert_used, cfg.spec.norm_topk, self.experts, il)
-        self._prefetch(il, h)
-        if b.shexp is not None:                                                 # shared expert, sigmoid-gated
-            gate = 1.0 / (1.0 + np.exp(-(h @ b.ffn_gate_inp_shexp)))            # (T,)
-            out += gate[:, None].astype(np.float32) * b.shexp.swiglu(h)
-        return out
-
-    def _prefetch(self, il: int, h: np.ndarray) -> None:
-        """HOBBIT: the next `prefetch` layers' routers on this layer's FFN input predict their experts."""
-        cfg = self.cfg
-        for ahead in range(il + 1, min(il + 1 + self.prefetch, cfg.n_layer)):
-            router = self.blocks[ahead].ffn_gate_inp
-            if router is not None:
-                guess = route(h @ router.T, cfg.n_expert_used, cfg.spec.norm_topk, self.experts.bias(ahead))
-                self.experts.prefetch(ahead, guess.experts)                     # (T, k) predicted
-
-    def forward(self, tokens: np.ndarray, all_logits: bool = False) -> np.ndarray:
-        """Append `tokens` to the context; logits (T, n_vocab) for every token, or (1, n_vocab) for the last."""
-        cfg = self.cfg
-        T = len(tokens)
-        if self.n_past + T > self.n_ctx:
-            raise ValueError(f"context full: {self.n_past} + {T} tokens exceed n_ctx={self.n_ctx}")
-        pos = np.arange(self.n_past, self.n_past + T)
-        x = self.w.rows(self.token_embd, np.asarray(tokens, dtype=np.int64))    # (T, n_embd)
+    def forward(self, tokens: Sequence[int] | np.ndarray, ctx: Context, all_logits: bool = False) -> np.ndarray:
+        """Append `tokens` (at most ctx.n_batch) to the context; logits (T, n_vocab) for every token, or
+        (1, n_vocab) for the last. The (1, n_vocab) result is the context's buffer, valid until its next
+        forward (llama.cpp's llama_get_logits); copy it to keep it."""
+        cfg, be, s = self.cfg, self.backend, ctx.state
+        ids = np.asarray(tokens, dtype=np.int64)
+        T, p0 = ids.shape[0], ctx.n_past
+        if not 0 < T <= ctx.n_batch:
+            raise ValueError(f"{T} tokens in one forward(); a context of n_batch={ctx.n_batch} takes 1..{ctx.n_batch}")
+        if p0 + T > ctx.n_ctx:
+            raise ValueError(f"context full: {p0} + {T} tokens exceed n_ctx={ctx.n_ctx}")
+        x, h, a = s.x[:T], s.h[:T], s.a[:T]
+        pos = be.upload(ctx.pos[p0:p0 + T], s.pos[:T])                           # (T,) positions
+        be.embed(self.token_embd, ids, s.x_host[:T], x)                          # (T, n_embd)
         for il, b in enumerate(self.blocks):
-            h = rms_norm(x, b.attn_norm, cfg.rms_eps)                            # pre-attention norm
-            x = x + self._attention(b, il, h, pos)                               # residual
-            h = rms_norm(x, b.ffn_norm, cfg.rms_eps)                            # pre-FFN norm
-            x = x + self._ffn(b, il, h)                                          # residual
-        self.n_past += T
-        if not all_logits:
-            x = x[-1:]
-        h = rms_norm(x, self.output_norm, cfg.rms_eps)                          # final norm
-        return self.output.apply(np.ascontiguousarray(h, dtype=np.float32))     # (T or 1, n_vocab)
+            be.rms_norm(x, b.attn_norm, cfg.rms_eps, h)                           # pre-attention norm
+            self._attention(b, il, h, pos, p0, ctx, a)                           # (T, n_embd)
+            be.add(x, a)                                                         # residual
+            be.rms_norm(x, b.ffn_norm, cfg.rms_eps, h)                           # pre-FFN norm
+            self._ffn(b, il, h, ctx, a)                                          # (T, n_embd)
+            be.add(x, a)                                                         # residual
+        ctx.tokens.extend(ids.tolist())
+        return self._logits(x, ctx, all_logits)
+
+    def _attention(self, b: Block, il: int, h: Any, pos: Any, p0: int, ctx: Context, out: Any) -> None:
+        cfg, be, s = self.cfg, self.backend, ctx.state
+        T, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.n_head, cfg.n_head_kv
+        q = s.q[:T]
+        k, v = ctx.kv.rows(il, p0, T)                                            # straight into the cache
+        be.matmul(b.attn_q, h, q)                                                # (T, nh*hd)
+        be.matmul(b.attn_k, h, k)                                                # (T, nkv*hd)
+        be.matmul(b.attn_v, h, v)                                                # (T, nkv*hd)
+        if b.attn_q_bias is not None:
+            be.add_bias(q, b.attn_q_bias)
+            be.add_bias(k, b.attn_k_bias)
+            be.add_bias(v, b.attn_v_bias)
+        if cfg.spec.qk_norm == QKNorm.FULL:                                      # olmoe: over the projection
+            be.rms_norm(q, b.attn_q_norm, cfg.rms_eps, q)
+            be.rms_norm(k, b.attn_k_norm, cfg.rms_eps, k)
+        q3, k3 = q.reshape(T, nh, hd), k.reshape(T, nkv, hd)
+        if cfg.spec.qk_norm == QKNorm.PER_HEAD:                                  # qwen3: per head
+            be.rms_norm(q3, b.attn_q_norm, cfg.rms_eps, q3)
+            be.rms_norm(k3, b.attn_k_norm, cfg.rms_eps, k3)
+        neox = cfg.spec.rope == RopeStyle.NEOX
+        be.rope(q3, pos, ctx.rope_cos, ctx.rope_sin, neox)                       # (T, nh, hd) in place
+        be.rope(k3, pos, ctx.rope_cos, ctx.rope_sin, neox)                       # (T, nkv, hd) in place
+        be.attention(q3, ctx.kv.k[il], ctx.kv.v[il], p0, s.o[:T], s.att)        # (T, nh*hd) causal softmax(qK^T)V
+        be.matmul(b.attn_output, s.o[:T], out)                                   # (T, n_embd)
+
+    def _ffn(self, b: Block, il: int, h: Any, ctx: Context, out: Any) -> None:
+        cfg, be, s = self.cfg, self.backend, ctx.state
+        T = h.shape[0]
+        if b.ffn is not None:                                                    # a dense layer
+            g, u = s.ffn.ff(T, b.ffn.gate.rows)
+            be.glu(b.ffn, h, g, u, out, cfg.spec.activation)                     # (T, n_embd)
+            return
+        moe(be, b.ffn_gate_inp, il, h, ctx, out)                                 # (T, n_embd) routed experts
+        if b.shexp is not None:                                                  # shared expert, sigmoid-gated
+            g, u = s.ffn.ff(T, b.shexp.gate.rows)
+            y = s.ffn.y[:T]
+            be.glu(b.shexp, h, g, u, y, cfg.spec.activation)                     # (T, n_embd)
+            be.matmul(b.ffn_gate_inp_shexp, h, s.shg[:T])                        # (T, 1) gate logit
+            be.sigmoid_gate_add(out, s.shg[:T], y)                               # out += sigmoid(gate) * y
+
+    def _logits(self, x: Any, ctx: Context, all_logits: bool) -> np.ndarray:
+        """The final norm and the head for the last row of x (T, n_embd), or all of them."""
+        cfg, be, s = self.cfg, self.backend, ctx.state
+        T = x.shape[0]
+        n = T if all_logits else 1
+        out = np.empty((n, cfg.n_vocab), dtype=np.float32) if all_logits else s.logits_host[:1]
+        step = n if be.host_memory else s.logits.shape[0]                        # on a device, in chunks
+        for i in range(0, n, step):
+            m = min(step, n - i)
+            head = out[i:i + m] if be.host_memory else s.logits[:m]
+            be.rms_norm(x[T - n + i:T - n + i + m], self.output_norm, cfg.rms_eps, s.h[:m])   # final norm
+            be.matmul(self.output, s.h[:m], head)                                # (m, n_vocab)
+            be.download(head, out[i:i + m])
+        return out

@@ -1,20 +1,27 @@
-"""The MoE step behind one narrow interface: route -> the expert store prepares experts -> compute -> combine.
+"""The MoE step, route -> the expert store prepares -> compute -> combine, and the interfaces between them.
 
 `route` is llama.cpp's build_moe_ffn gating (softmax, top-k, optional renormalisation), with an optional
 residency-aware selection bias (MoE-ERAS) that changes which experts are chosen but never their gate
-weights. An ExpertStore decides where each selected expert's weights come from (the plain store: the
-mmap; store.ExpertCache: a hot arena or cold copies) and may drop near-zero misses (HOBBIT). Tokens are
-grouped per expert so each expert's weights are streamed once per batch (dynamic gating, Huang et al. 2023).
+weights. An ExpertStore decides where each selected expert's weights come from (experts.mmap: the file;
+experts.cache: a hot arena or cold copies) and may drop near-zero misses (HOBBIT). Tokens are grouped per
+expert so each expert's weights are streamed once per batch (dynamic gating, Huang et al. 2023); the
+backend computes the groups where their weights live (after mlx-lm's switch_layers.py, which isolates
+expert dispatch the same way).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .kernels import route_topk, silu_mul
-from .weights import QMatrix
+from .config import Gating
+from .experts.expert import Expert
+from .kernels import route_softmax_topk
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .context import Context
 
 
 @dataclass(frozen=True)
@@ -31,23 +38,7 @@ class SelectionBias:
     prob: np.ndarray | None = None   # (E,) float32
 
 
-@dataclass(frozen=True)
-class Expert:
-    """One expert's SwiGLU matrices, wherever they live."""
-    gate: QMatrix
-    up: QMatrix
-    down: QMatrix
-
-    @property
-    def nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
-
-    def swiglu(self, x: np.ndarray) -> np.ndarray:
-        """down(silu(gate x) * up x) for x (n, n_embd); tiers on other devices override this."""
-        g = self.gate.apply(x)                                               # (n, n_ff)
-        u = self.up.apply(x)                                                 # (n, n_ff)
-        silu_mul(g, u)                                                       # g = silu(g) * u
-        return self.down.apply(g)                                            # (n, n_embd)
+Group = tuple[Expert, Any, np.ndarray]  # (expert, its token rows: a slice or an index array, their gate weights)
 
 
 @dataclass(frozen=True)
@@ -57,7 +48,7 @@ class Plan:
     experts: Mapping[int, Expert] | Sequence[Expert]  # indexed by expert id
     weights: np.ndarray  # (T, k) float32
 
-    def groups(self, routing: Routing) -> Iterator[tuple[Expert, np.ndarray | slice, np.ndarray]]:
+    def groups(self, routing: Routing) -> Iterator[Group]:
         """(expert, token rows, their gate weights) for each expert with unskipped tokens, by expert id."""
         T, k = routing.experts.shape
         if T == 1:                                                           # decode: no grouping to do
@@ -77,7 +68,9 @@ class Plan:
 class ExpertStore(Protocol):
     """Where experts come from. `bias` may steer selection towards resident experts; `prepare` sees a
     layer's whole selection (to load, compute cold or skip) and returns the plan to compute; `prefetch`
-    hears which experts a later layer is predicted to select."""
+    queues the experts a later layer is predicted to select (`lookahead` layers ahead, 0 for none)."""
+
+    lookahead: int
 
     def bias(self, layer: int) -> SelectionBias | None: ...
 
@@ -85,26 +78,74 @@ class ExpertStore(Protocol):
 
     def prefetch(self, layer: int, experts: np.ndarray) -> None: ...
 
+    def new_sequence(self) -> None: ...
+
+    def report(self) -> dict[str, Any]: ...
+
+    def reset_stats(self) -> None: ...
+
 
 _NONE = np.zeros(0, dtype=np.float32)
 
 
-def route(logits: np.ndarray, k: int, norm_topk: bool, bias: SelectionBias | None = None) -> Routing:
-    """softmax over experts, top-k by probability, weights optionally renormalised (build_moe_ffn)."""
-    T = logits.shape[0]
-    ids, w = np.empty((T, k), dtype=np.int64), np.empty((T, k), dtype=np.float32)
+def route(logits: np.ndarray, k: int, norm_topk: bool, bias: SelectionBias | None = None,
+          gating: Gating = Gating.SOFTMAX, out: Routing | None = None,
+          scratch: np.ndarray | None = None) -> Routing:
+    """Experts and gate weights for router logits (T, E): scores by `gating`, top-k, weights optionally
+    renormalised (build_moe_ffn). `out` and `scratch` ((3, E) float32) are reused if given."""
+    T, E = logits.shape
+    if out is None:
+        out = Routing(np.empty((T, k), dtype=np.int64), np.empty((T, k), dtype=np.float32))
+    if scratch is None:
+        scratch = np.empty((3, E), dtype=np.float32)
     lb = bias.logit if bias is not None and bias.logit is not None else _NONE
     pb = bias.prob if bias is not None and bias.prob is not None else _NONE
-    route_topk(np.ascontiguousarray(logits, dtype=np.float32), k, norm_topk, lb, pb, ids, w)   # (T, k)
-    return Routing(ids, w)
+    if gating is Gating.SOFTMAX:
+        route_softmax_topk(logits, k, norm_topk, lb, pb, out.experts, out.weights, scratch)   # (T, k)
+    return out
 
 
-def moe_forward(x: np.ndarray, router: np.ndarray, k: int, norm_topk: bool, store: ExpertStore,
-                layer: int) -> tuple[np.ndarray, Routing]:
-    """The routed-expert output for x (T, n_embd), and the routing that produced it."""
-    routing = route(x @ router.T, k, norm_topk, store.bias(layer))          # (T, k)
+def moe(be: "Backend", router: Any, layer: int, h: Any, ctx: "Context", out: Any) -> None:
+    """out (T, n_embd) = the routed experts' weighted sum for h (T, n_embd), the normed FFN input."""
+    cfg, s, store = ctx.cfg, ctx.state, ctx.experts
+    T = h.shape[0]
+    be.matmul(router, h, s.router[:T])                                       # (T, E) router logits
+    hh = be.download(h, s.h_host[:T], sync=False)                            # (T, n_embd) for the host's work
+    logits = be.download(s.router[:T], s.router_host[:T])                    # (T, E) where the store decides
+    routing = route(logits, cfg.n_expert_used, cfg.spec.norm_topk, store.bias(layer), cfg.spec.gating,
+                    s.routing(T), s.route_scratch)                            # (T, k) experts, gate weights
     plan = store.prepare(layer, routing)                                     # expert -> weights; skips weigh 0
-    out = np.zeros_like(x)                                                   # (T, n_embd)
-    for expert, tokens, w in plan.groups(routing):
-        out[tokens] += w[:, None] * expert.swiglu(x[tokens])                 # (n, n_embd)
-    return out, routing
+    here, host = be.split(plan.groups(routing), s)                           # computed by be / on the host
+    combine(be, here, h, s.ffn, cfg.spec.activation, out)                    # (T, n_embd) weighted sum
+    if host:                                                                 # Fiddler: host experts meanwhile
+        acc = s.moe_host[:T]
+        combine(be.host, host, hh, s.host_ffn, cfg.spec.activation, acc)     # (T, n_embd)
+        be.add_from_host(out, acc, s)
+    prefetch(be, layer, hh, ctx)                                             # queued loads overlap later layers
+
+
+def combine(be: "Backend", groups: Sequence[Group], x: Any, scratch: Any, act: Any, out: Any) -> None:
+    """out (T, n_embd) = sum over groups of w * expert(x[rows]), each expert run once on its rows."""
+    be.zero(out)
+    for expert, rows, w in groups:
+        n = w.shape[0]
+        be.wait(expert.ready)                                                # its load has landed
+        xs = be.gather(x, rows, scratch.xs[:n])                              # (n, n_embd) its tokens
+        y = scratch.y[:n]
+        g, u = scratch.ff(n, expert.gate.rows)
+        be.glu(expert, xs, g, u, y, act)                                     # (n, n_embd)
+        be.scatter_add(out, rows, w, y)                                      # out[rows] += w * y
+
+
+def prefetch(be: "Backend", layer: int, hh: np.ndarray, ctx: "Context") -> None:
+    """HOBBIT: the next `lookahead` layers' routers on this layer's FFN input hh (T, n_embd, on the host)
+    predict their experts, whose loads the store queues. Host-side work: nothing waits on the device."""
+    cfg, s, store, routers = ctx.cfg, ctx.state, ctx.experts, ctx.model.host_routers
+    T = hh.shape[0]
+    for ahead in range(layer + 1, min(layer + 1 + store.lookahead, cfg.n_layer)):
+        if routers[ahead] is None:
+            continue
+        be.host.matmul(routers[ahead], hh, s.router_host[:T])                # (T, E) the later router's logits
+        guess = route(s.router_host[:T], cfg.n_expert_used, cfg.spec.norm_topk, store.bias(ahead),
+                      cfg.spec.gating, s.guess(T), s.route_scratch)           # (T, k) predicted
+        store.prefetch(ahead, guess.experts)

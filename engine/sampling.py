@@ -4,20 +4,26 @@ repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw; temperatur
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from .options import option
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.8
-    top_k: int = 40          # <= 0: off
-    top_p: float = 0.95      # >= 1: off
-    min_p: float = 0.05      # <= 0: off
-    repeat_penalty: float = 1.0  # 1: off
-    repeat_last_n: int = 64
-    seed: int | None = None
+    """generate()'s sampling keywords; moe-run's sampling flags are built from these fields."""
+    temperature: float = option(0.8, "--temp", help="temperature; 0 is greedy", parse=float, cli=float,
+                                group="sampling")
+    top_k: int = option(40, "--top-k", help="top-k, 0 = off", parse=int, cli=int, group="sampling")
+    top_p: float = option(0.95, "--top-p", help="top-p, 1 = off", parse=float, cli=float, group="sampling")
+    min_p: float = option(0.05, "--min-p", help="min-p, 0 = off", parse=float, cli=float, group="sampling")
+    repeat_penalty: float = option(1.0, "--repeat-penalty", help="repetition penalty, 1 = off", parse=float,
+                                   cli=float, group="sampling")
+    repeat_last_n: int = option(64, "--repeat-last-n", help="last n tokens the repetition penalty sees",
+                                parse=int, cli=int, group="sampling")
+    seed: int | None = field(default=None)  # moe-run's --seed is the model's (Options.seed)
 
     def __post_init__(self) -> None:
         if self.top_p <= 0:

@@ -1,4 +1,5 @@
-"""Weights as the engine sees them: quantized matrices (zero-copy views of the mmap) and small float vectors."""
+"""Weights as the engine sees them: quantized matrices (zero-copy views of the mmap), small float32 matrices
+(routers) and vectors (norms, biases). Immutable: a backend (engine/backend.py) computes with them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,38 +7,41 @@ from dataclasses import dataclass
 import numpy as np
 
 from hotcold.quant import QType, dequantize
-from hotcold.quant.kernels import MATMUL, MATVEC, prepare_weights
+from hotcold.quant.kernels import prepare_weights
 
 from .gguf_file import GGUFError, GGUFFile
 
 
 @dataclass(frozen=True)
 class QMatrix:
-    """A (rows, cols) weight matrix stored as `qtype` rows; apply() is X @ W.T through the Numba kernels."""
+    """A (rows, cols) weight matrix stored as `qtype` rows, used as X @ W.T by the quant kernels."""
     raw: np.ndarray  # uint8 (rows, row_bytes)
     qtype: QType
     rows: int
     cols: int
 
     def __post_init__(self) -> None:
-        # validated once here, so apply() calls the kernels directly (no per-call checks or copies)
-        object.__setattr__(self, "_w", prepare_weights(self.raw, self.qtype, self.cols))
-
-    def apply(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """x (n, cols) float32 C-contiguous -> (n, rows); a single row takes the GEMV kernel."""
-        n = x.shape[0]
-        if out is None:
-            out = np.empty((n, self.rows), dtype=np.float32)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if n == 1:
-            MATVEC[self.qtype](self._w, x[0], out[0])
-        elif n:
-            MATMUL[self.qtype](self._w, x, out)
-        return out
+        # validated once here, so the backend calls the kernels directly (no per-call checks or copies)
+        object.__setattr__(self, "kernel_view", prepare_weights(self.raw, self.qtype, self.cols))
 
     @property
     def nbytes(self) -> int:
         return self.raw.nbytes
+
+
+@dataclass(frozen=True)
+class DenseMatrix:
+    """A small float32 matrix used as a plain product: a router (n_expert, n_embd), or a single row
+    (n_embd,) such as qwen2moe's shared-expert gate."""
+    w: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return 1 if self.w.ndim == 1 else self.w.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.w.shape[-1]
 
 
 @dataclass(frozen=True)
@@ -78,10 +82,14 @@ class WeightReader:
         t = self._ref(name, 1)
         return dequantize(self.f.raw(name), t.qtype).reshape(-1).astype(np.float32)
 
-    def dense(self, name: str) -> np.ndarray:
+    def dense(self, name: str) -> DenseMatrix:
         """A 2-D tensor dequantized to float32 (routers: small, used as a plain matmul)."""
         t = self._ref(name, 2)
-        return dequantize(self.f.raw(name), t.qtype).astype(np.float32)
+        return DenseMatrix(dequantize(self.f.raw(name), t.qtype).astype(np.float32))
+
+    def dense_row(self, name: str) -> DenseMatrix:
+        """A 1-D tensor as a one-row float32 product (a gate logit per token)."""
+        return DenseMatrix(self.vector(name))
 
     def matrix(self, name: str) -> QMatrix:
         t = self._ref(name, 2)
@@ -90,8 +98,3 @@ class WeightReader:
     def stack(self, name: str) -> QStack:
         t = self._ref(name, 3)
         return QStack(self.f.raw(name), t.qtype, t.shape[1], t.shape[2])
-
-    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """Selected rows of a 2-D tensor as float32 (the embedding lookup)."""
-        t = self._ref(name, 2)
-        return dequantize(np.ascontiguousarray(self.f.raw(name)[ids]), t.qtype)

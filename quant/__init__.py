@@ -13,14 +13,14 @@ from typing import Callable
 import numpy as np
 
 from . import kquants, legacy
-from .dequant import dequantize_flat
+from .dequant import dequantize_flat, dequantize_rows
 from .types import (
     QK_K, SUPPORTED, WEIGHT_TYPES, QType, QTypeLike, QuantError, block_size, byte_shape, float_shape,
     resolve, row_bytes, type_size,
 )
 
 __all__ = [
-    "QK_K", "SUPPORTED", "WEIGHT_TYPES", "QType", "QuantError", "block_size", "byte_shape", "dequantize",
+    "QK_K", "SUPPORTED", "WEIGHT_TYPES", "QType", "QuantError", "block_size", "byte_shape", "dequantize", "dequantize_rows",
     "float_shape", "matmul", "matvec", "quantize", "resolve", "row_bytes", "type_size",
 ]
 

@@ -205,43 +205,56 @@ _ORDER = (
 _CODE = {t: i for i, t in enumerate(_ORDER)}
 
 
+@njit(cache=True, inline="always")
+def _dq_block(code: int, b: np.ndarray, y: np.ndarray) -> None:
+    if code == 0:
+        dq_f32(b, y)
+    elif code == 1:
+        dq_f16(b, y)
+    elif code == 2:
+        dq_bf16(b, y)
+    elif code == 3:
+        dq_q4_0(b, y)
+    elif code == 4:
+        dq_q4_1(b, y)
+    elif code == 5:
+        dq_q5_0(b, y)
+    elif code == 6:
+        dq_q5_1(b, y)
+    elif code == 7:
+        dq_q8_0(b, y)
+    elif code == 8:
+        dq_q2_k(b, y)
+    elif code == 9:
+        dq_q3_k(b, y)
+    elif code == 10:
+        dq_q4_k(b, y)
+    elif code == 11:
+        dq_q5_k(b, y)
+    elif code == 12:
+        dq_q6_k(b, y)
+    elif code == 13:
+        dq_q8_k(b, y)
+    elif code == 14:
+        dq_iq4_nl(b, y)
+    else:
+        dq_mxfp4(b, y)
+
+
 @njit(cache=True, parallel=True)
 def _dequant_blocks(raw: np.ndarray, out: np.ndarray, code: int, ts: int, bs: int) -> None:
     for i in prange(out.shape[0] // bs):
-        b = raw[i * ts:(i + 1) * ts]
-        y = out[i * bs:(i + 1) * bs]
-        if code == 0:
-            dq_f32(b, y)
-        elif code == 1:
-            dq_f16(b, y)
-        elif code == 2:
-            dq_bf16(b, y)
-        elif code == 3:
-            dq_q4_0(b, y)
-        elif code == 4:
-            dq_q4_1(b, y)
-        elif code == 5:
-            dq_q5_0(b, y)
-        elif code == 6:
-            dq_q5_1(b, y)
-        elif code == 7:
-            dq_q8_0(b, y)
-        elif code == 8:
-            dq_q2_k(b, y)
-        elif code == 9:
-            dq_q3_k(b, y)
-        elif code == 10:
-            dq_q4_k(b, y)
-        elif code == 11:
-            dq_q5_k(b, y)
-        elif code == 12:
-            dq_q6_k(b, y)
-        elif code == 13:
-            dq_q8_k(b, y)
-        elif code == 14:
-            dq_iq4_nl(b, y)
-        else:
-            dq_mxfp4(b, y)
+        _dq_block(code, raw[i * ts:(i + 1) * ts], out[i * bs:(i + 1) * bs])
+
+
+@njit(cache=True)
+def _dequant_rows(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, code: int, ts: int, bs: int) -> None:
+    for t in range(ids.shape[0]):
+        r = ids[t]
+        if r < 0 or r >= raw.shape[0]:
+            raise IndexError("row index out of range")
+        for i in range(out.shape[1] // bs):
+            _dq_block(code, raw[r, i * ts:(i + 1) * ts], out[t, i * bs:(i + 1) * bs])
 
 
 def dequantize_flat(raw: np.ndarray, qtype: QType) -> np.ndarray:
@@ -251,4 +264,14 @@ def dequantize_flat(raw: np.ndarray, qtype: QType) -> np.ndarray:
         ts, bs = ts * 256, 256  # group scalars so each parallel task does real work
     out = np.empty(raw.size // ts * bs, dtype=np.float32)
     _dequant_blocks(raw, out, _CODE[qtype], ts, bs)
+    return out
+
+
+def dequantize_rows(raw: np.ndarray, qtype: QType, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[t] = the dequantized row ids[t] of raw (rows, row_bytes), without allocating (an embedding
+    lookup); out is float32 (len(ids), cols), ids int64. An id outside [0, rows) raises IndexError."""
+    ts, bs = type_size(qtype), block_size(qtype)
+    if bs == 1:
+        ts, bs = ts * out.shape[1], out.shape[1]  # a float row is one "block"
+    _dequant_rows(raw, ids, out, _CODE[qtype], ts, bs)
     return out

@@ -1,4 +1,5 @@
-"""The GPU forward pass (engine/cuda_model.py) against the CPU engine, on micro models of every architecture.
+"""The forward pass on the GPU backend (engine/cuda/backend.py) against the CPU engine, on micro models of every
+architecture.
 
 Without a GPU these run on Numba's CUDA simulator (conftest sets NUMBA_ENABLE_CUDASIM=1), which runs each
 GPU thread as a Python thread: hence micro models (tests/micro_models.py) and a few tokens.
@@ -12,10 +13,13 @@ import numpy as np
 import pytest
 
 import micro_models
+from hotcold.engine.context import Context
+from hotcold.engine.experts.cache import ExpertCache
+from hotcold.engine.experts.cold import cold_experts
+from hotcold.engine.experts.rules import MissCost
 from hotcold.engine.gguf_file import GGUFFile
-from hotcold.engine.model import MmapExperts, Transformer
-from hotcold.engine.residency import MissCost, ResidencyOptions
-from hotcold.engine.store import ExpertCache, cold_experts
+from hotcold.engine.model import Transformer
+from hotcold.engine.options import Options
 from hotcold.quant import QType, cuda as qcuda
 
 pytestmark = pytest.mark.skipif(not qcuda.available(), reason="no CUDA GPU and no simulator")
@@ -30,22 +34,28 @@ def _close(got: np.ndarray, want: np.ndarray) -> None:
 
 
 def _gpu_model(path: Path, budget: int | None = None, n_batch: int = 4):
-    from hotcold.engine.cuda_memory import Gpu
-    from hotcold.engine.cuda_model import CudaTransformer
+    """The model on the GPU backend and a context of 16 tokens, and the GPU's account."""
+    from hotcold.engine.cuda.backend import CudaBackend
+    from hotcold.engine.cuda.memory import Gpu
     gpu = Gpu(budget)
-    return CudaTransformer(GGUFFile(path), 16, gpu, n_batch), gpu
+    model = Transformer.load(GGUFFile(path), CudaBackend(gpu))
+    return model, model.context(16, n_batch), gpu
+
+
+def _cpu_model(path: Path) -> tuple[Transformer, Context]:
+    model = Transformer.load(GGUFFile(path))
+    return model, model.context(16, 4)
 
 
 @pytest.mark.parametrize("variant", list(micro_models.VARIANTS))
 def test_gpu_logits_match_the_cpu_engine(tmp_path: Path, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hotcold.engine.cuda_model import CudaTransformer
-    monkeypatch.setattr(CudaTransformer, "logit_rows", 1)   # all-logits prefill comes down row by row
+    monkeypatch.setattr(Transformer, "logit_rows", lambda self, n_batch: 1)   # all-logits prefill comes down row by row
     path = micro_models.write(variant, tmp_path / f"{variant}.gguf")
-    cpu = Transformer(GGUFFile(path), 16)
-    dev, gpu = _gpu_model(path)
-    _close(dev.forward(PROMPT, all_logits=True), cpu.forward(PROMPT, all_logits=True))   # prefill
-    _close(dev.forward(NEXT), cpu.forward(NEXT))                                          # decode
-    assert dev.n_past == cpu.n_past == 3
+    cpu, cctx = _cpu_model(path)
+    dev, dctx, gpu = _gpu_model(path)
+    _close(dev.forward(PROMPT, dctx, all_logits=True), cpu.forward(PROMPT, cctx, all_logits=True))   # prefill
+    _close(dev.forward(NEXT, dctx), cpu.forward(NEXT, cctx))                                          # decode
+    assert dctx.n_past == cctx.n_past == 3
 
 
 def _hot_cold(tmp_path: Path) -> tuple[Path, list]:
@@ -55,22 +65,24 @@ def _hot_cold(tmp_path: Path) -> tuple[Path, list]:
     return hot, cold_experts(cold_file, micro_models.L)
 
 
-def _run(model: Transformer) -> np.ndarray:
-    return np.concatenate([model.forward(PROMPT, all_logits=True), model.forward(NEXT)])
+def _run(model: Transformer, ctx: Context) -> np.ndarray:
+    return np.concatenate([model.forward(PROMPT, ctx, all_logits=True), model.forward(NEXT, ctx)])
+
+
+def _device_cache(model: Transformer, ctx: Context, opt: Options, cold: list | None) -> ExpertCache:
+    ctx.experts = cache = model.backend.expert_cache(model.experts.experts, opt, cold, ctx)
+    return cache
 
 
 @pytest.mark.parametrize("placement", ["gpu", "cpu"])
 def test_cold_misses_on_either_side_match_the_ram_cache(tmp_path: Path, placement: str) -> None:
-    from hotcold.engine.cuda_model import device_cache
     path, cold = _hot_cold(tmp_path)
-    opt = ResidencyOptions.build("25%", miss="cold", prefetch=1, device="cuda", miss_placement=placement)
-    cpu = Transformer(GGUFFile(path), 16)
-    ram = ExpertCache(MmapExperts(cpu.blocks).experts, opt, cold)
-    cpu.experts, cpu.prefetch = ram, 1
-    dev, _ = _gpu_model(path)
-    vram = device_cache(dev, MmapExperts(dev.blocks).experts, opt, cold)
-    dev.experts, dev.prefetch = vram, 1
-    _close(_run(dev), _run(cpu))
+    opt = Options.parse(expert_budget="25%", miss="cold", prefetch=1, device="cuda", miss_placement=placement)
+    cpu, cctx = _cpu_model(path)
+    cctx.experts = ram = ExpertCache(cpu.experts.experts, opt, cold)
+    dev, dctx, _ = _gpu_model(path)
+    vram = _device_cache(dev, dctx, opt, cold)
+    _close(_run(dev, dctx), _run(cpu, cctx))
     got, want = vram.report(), ram.report()
     for k in ("hits", "misses", "cold", "loads", "prefetched", "bytes_moved"):
         assert got[k] == want[k], k
@@ -79,46 +91,41 @@ def test_cold_misses_on_either_side_match_the_ram_cache(tmp_path: Path, placemen
 
 
 def test_auto_placement_follows_the_measured_cost(tmp_path: Path) -> None:
-    from hotcold.engine.cuda_model import device_cache
     path, cold = _hot_cold(tmp_path)
-    dev, _ = _gpu_model(path)
-    cache = device_cache(dev, MmapExperts(dev.blocks).experts,
-                         ResidencyOptions.build("25%", miss="cold", device="cuda"), cold)
+    dev, dctx, _ = _gpu_model(path)
+    cache = _device_cache(dev, dctx, Options.parse(expert_budget="25%", miss="cold", device="cuda"), cold)
     cost = cache.miss_cost
     assert cost is not None and cost.n > 1 and min(cost.gpu_s + cost.cpu_s) > 0   # measured at load
-    dev.experts = cache
     cache.miss_cost = MissCost(4, gpu_s=(1e-6, 2e-6), cpu_s=(1e-3, 4e-3))          # the GPU way is cheaper
-    dev.forward(PROMPT)
+    dev.forward(PROMPT, dctx)
     uploaded = cache.report()["cold_uploaded"]
     assert uploaded == cache.report()["cold"] > 0
     cache.miss_cost = MissCost(4, gpu_s=(1e-3, 2e-3), cpu_s=(1e-6, 4e-6))          # the CPU way is cheaper
-    dev.forward(NEXT)
+    dev.forward(NEXT, dctx)
     assert cache.report()["cold_uploaded"] == uploaded < cache.report()["cold"]
 
 
 def test_the_vram_budget_bounds_every_allocation(tmp_path: Path) -> None:
-    from hotcold.engine.cuda_memory import VRAMBudgetError
-    from hotcold.engine.cuda_model import device_cache
+    from hotcold.engine.cuda.memory import VRAMBudgetError
     path, cold = _hot_cold(tmp_path)
-    _, probe = _gpu_model(path)
+    _, _, probe = _gpu_model(path)
     dense = probe.used                                       # dense weights, rope tables, KV cache, buffers
-    slot = MmapExperts(Transformer(GGUFFile(path), 16).blocks).experts[0][0].nbytes
+    slot = _cpu_model(path)[0].experts.experts[0][0].nbytes
     budget = dense + micro_models.K * max(e.nbytes for layer in cold for e in layer) + 3 * slot + slot // 2
     before = probe.memory_info()
-    dev, gpu = _gpu_model(path, budget)
-    cache = device_cache(dev, MmapExperts(dev.blocks).experts,
-                         ResidencyOptions.build("100%", miss="adaptive", device="cuda", miss_placement="gpu"), cold)
+    dev, dctx, gpu = _gpu_model(path, budget)
+    cache = _device_cache(dev, dctx, Options.parse(expert_budget="100%", miss="adaptive", prefetch=1, device="cuda",
+                                                   miss_placement="gpu"), cold)
     assert cache.arena.n_slots == 3                          # what the dense part and the staging slots leave
-    dev.experts, dev.prefetch = cache, 1
-    _run(dev)
+    _run(dev, dctx)
     assert gpu.used <= budget and sum(gpu.parts.values()) == gpu.used
     if before is not None:                                   # a real GPU: ask the CUDA allocator too
         assert before[0] - gpu.memory_info()[0] <= budget + probe.used + (2 << 20)
     with pytest.raises(VRAMBudgetError, match="raise vram_budget"):
         _gpu_model(path, dense // 2)
-    tight, _ = _gpu_model(path, dense + slot // 2)
+    tight, tctx, _ = _gpu_model(path, dense + slot // 2)
     with pytest.warns(UserWarning, match="no room for hot experts"):
-        device_cache(tight, MmapExperts(tight.blocks).experts, ResidencyOptions.build("100%", device="cuda"), None)
+        _device_cache(tight, tctx, Options.parse(expert_budget="100%", device="cuda"), None)
 
 
 def test_the_api_on_the_gpu_under_a_vram_budget(tmp_path: Path) -> None:

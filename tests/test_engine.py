@@ -8,6 +8,7 @@ import pytest
 
 from hotcold.convert import convert
 from hotcold.engine.gguf_file import GGUFFile
+from hotcold.engine.context import Context
 from hotcold.engine.model import Transformer
 
 import tiny_models
@@ -21,6 +22,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("tiny-engine")
     return {a: tiny_models.build(a, root / a) for a in tiny_models.ARCHS}
+
+
+def _load(f: GGUFFile | Path, n_ctx: int) -> tuple[Transformer, Context]:
+    m = Transformer.load(f if isinstance(f, GGUFFile) else GGUFFile(f))
+    return m, m.context(n_ctx)
+
+
+def _logits(f: GGUFFile | Path, toks: list[int], n_ctx: int = 128) -> np.ndarray:
+    m, ctx = _load(f, n_ctx)
+    return m.forward(np.array(toks), ctx, all_logits=True)
 
 
 def _gguf(src: Path, out: Path, qtype: str) -> Path:
@@ -56,18 +67,28 @@ def _mean_kl(ref: np.ndarray, got: np.ndarray) -> float:
 @pytest.mark.parametrize("arch", tiny_models.ARCHS)
 def test_f32_logits_match_transformers(tiny: dict[str, Path], tmp_path: Path, arch: str) -> None:
     ref = _hf_logits(tiny[arch], TOKS)
-    m = Transformer(GGUFFile(_gguf(tiny[arch], tmp_path / "m.gguf", "f32")), n_ctx=128)
-    got = m.forward(np.array(TOKS), all_logits=True)
+    got = _logits(_gguf(tiny[arch], tmp_path / "m.gguf", "f32"), TOKS)
     assert np.abs(got - ref).max() <= 1e-3
+
+
+def test_a_leading_dense_layer_matches_transformers(tmp_path: Path) -> None:
+    """A layer without a router is dense (qwen2moe's mlp_only_layers; DeepSeek's leading dense layers)."""
+    pytest.importorskip("transformers")
+    src = tiny_models.build("qwen2moe", tmp_path / "hf", mlp_only_layers=[0])
+    path = _gguf(src, tmp_path / "m.gguf", "f32")
+    m, ctx = _load(path, 128)
+    assert m.cfg.moe_layers == (False, True) and m.blocks[0].ffn is not None and m.blocks[1].ffn_gate_inp is not None
+    got = m.forward(np.array(TOKS), ctx, all_logits=True)
+    assert np.abs(got - _hf_logits(src, TOKS)).max() <= 1e-3
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2moe"])
 def test_incremental_decode_equals_prefill(tiny: dict[str, Path], tmp_path: Path, arch: str) -> None:
     f = GGUFFile(_gguf(tiny[arch], tmp_path / "m.gguf", "q8_0"))
-    full = Transformer(f, n_ctx=128).forward(np.array(TOKS), all_logits=True)
-    m = Transformer(f, n_ctx=128)
-    m.forward(np.array(TOKS[:40]))
-    step = np.concatenate([m.forward(np.array([t])) for t in TOKS[40:]])
+    full = _logits(f, TOKS)
+    m, ctx = _load(f, 128)
+    m.forward(np.array(TOKS[:40]), ctx)
+    step = np.concatenate([m.forward(np.array([t]), ctx).copy() for t in TOKS[40:]])
     assert np.abs(step - full[40:]).max() <= 1e-4
 
 
@@ -78,7 +99,7 @@ def test_quantized_logits_match_llama_cpp(tiny: dict[str, Path], tmp_path: Path,
                                           record_property) -> None:
     path = _gguf(tiny[arch], tmp_path / "m.gguf", qtype)
     ref = _llama_cpp(path, TOKS)
-    got = Transformer(GGUFFile(path), n_ctx=128).forward(np.array(TOKS), all_logits=True)
+    got = _logits(path, TOKS)
     agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
     record_property("mean_kl", _mean_kl(ref, got))
     assert agree >= 0.99, f"argmax agrees on {agree:.1%}; mean KL {_mean_kl(ref, got):.2e}"
@@ -96,7 +117,7 @@ def test_llama_quantize_mixes_run(tmp_path: Path) -> None:
     types = {t.qtype.name for t in GGUFFile(mix).tensors.values()}
     assert {"Q4_K", "Q6_K"} <= types
     ref = _llama_cpp(mix, TOKS)
-    got = Transformer(GGUFFile(mix), n_ctx=128).forward(np.array(TOKS), all_logits=True)
+    got = _logits(mix, TOKS)
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
 
 
@@ -112,22 +133,22 @@ def test_trained_model_greedy_continuation_equals_llama_cpp(tmp_path: Path) -> N
         ref.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         llm.eval([ref[-1]])
     llm.close()
-    m = Transformer(GGUFFile(path), n_ctx=256)
-    logits, ours = m.forward(np.array(prompt)), []
+    m, ctx = _load(path, 256)
+    logits, ours = m.forward(np.array(prompt), ctx), []
     for _ in range(64):
         ours.append(int(np.argmax(logits[-1])))
-        logits = m.forward(np.array([ours[-1]]))
+        logits = m.forward(np.array([ours[-1]]), ctx)
     assert ours == ref
 
 
 def test_weights_are_memory_mapped_not_copied(tmp_path: Path) -> None:
-    m = Transformer(GGUFFile(_gguf(TRAINED, tmp_path / "q8.gguf", "q8_0")), n_ctx=64)
+    m, _ = _load(_gguf(TRAINED, tmp_path / "q8.gguf", "q8_0"), 64)
     for b in m.blocks:
         for q in (b.attn_q, b.attn_output, b.ffn_gate_exps, b.ffn_down_exps):
             assert not q.raw.flags.owndata and not q.raw.flags.writeable
 
 
 def test_context_overflow_is_a_clear_error(tmp_path: Path) -> None:
-    m = Transformer(GGUFFile(_gguf(TRAINED, tmp_path / "q8.gguf", "q8_0")), n_ctx=8)
+    m, ctx = _load(_gguf(TRAINED, tmp_path / "q8.gguf", "q8_0"), 8)
     with pytest.raises(ValueError, match="exceed n_ctx=8"):
-        m.forward(np.arange(9))
+        m.forward(np.arange(9), ctx)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from hotcold.engine.policies import LFU, LIFO, LRU, CachePolicy, Hobbit, make_policy
+from hotcold.engine.experts.policies import LFU, LIFO, LRU, CachePolicy, Hobbit, make_policy
 
 A, B, C = (0, 0), (0, 1), (1, 0)
 

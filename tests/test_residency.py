@@ -11,9 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hotcold.engine.gguf_file import GGUFError
-from hotcold.engine.moe import Expert, Routing, SelectionBias, route
-from hotcold.engine.residency import Budget, MissCost, MissMode, ResidencyOptions, Tier, eras_bias, miss_tiers
-from hotcold.engine.store import ExpertCache
+from hotcold.engine.experts.cache import ExpertCache
+from hotcold.engine.experts.expert import Expert
+from hotcold.engine.experts.rules import Budget, MissCost, MissMode, Tier, eras_bias, miss_tiers
+from hotcold.engine.moe import Routing, SelectionBias, route
+from hotcold.engine.options import Options
 from hotcold.engine.weights import QMatrix
 from hotcold.quant import QType, quantize
 
@@ -59,15 +61,15 @@ def test_budget_parse() -> None:
 
 def test_options_errors_name_the_choices() -> None:
     with pytest.raises(ValueError, match="unknown miss mode 'warm'.*hot, cold, adaptive"):
-        ResidencyOptions.build("25%", miss="warm")
+        Options.parse(expert_budget="25%", miss="warm")
     with pytest.raises(ValueError, match="unknown cache_policy"):
-        ResidencyOptions.build("25%", cache_policy="random")
-    with pytest.raises(ValueError, match="t1=0.9, t2=0.6"):
-        ResidencyOptions.build("25%", t1=0.9, t2=0.6)
+        Options.parse(expert_budget="25%", cache_policy="random")
+    with pytest.raises(ValueError, match="miss_t1=0.9, miss_t2=0.6"):
+        Options.parse(expert_budget="25%", miss_t1=0.9, miss_t2=0.6)
     with pytest.raises(ValueError, match="unknown miss_placement 'disk'.*auto, gpu, cpu"):
-        ResidencyOptions.build("25%", miss_placement="disk")
+        Options.parse(expert_budget="25%", miss_placement="disk")
     with pytest.raises(ValueError, match="miss_placement='gpu'.*needs device='cuda'"):
-        ResidencyOptions.build("25%", miss_placement="gpu")
+        Options.parse(expert_budget="25%", miss_placement="gpu")
 
 
 def test_miss_cost_picks_the_cheaper_side_per_token_count() -> None:
@@ -140,7 +142,7 @@ def test_eras_beta_penalises_rarely_used_non_residents() -> None:
 
 def _cache(budget: str | int, miss: str = "hot", policy: str = "lru", n_layer: int = 2, n_expert: int = 4,
            **kw: float) -> ExpertCache:
-    opt = ResidencyOptions.build(budget, policy, miss, **kw)
+    opt = Options.parse(expert_budget=budget, cache_policy=policy, miss=miss, **kw)
     cold = _experts(n_layer, n_expert, QType.Q8_0, seed=1) if miss != "hot" else None
     return ExpertCache(_experts(n_layer, n_expert, QType.F32), opt, cold)
 
@@ -203,7 +205,7 @@ def test_adaptive_misses_load_compute_cold_or_skip() -> None:
 
 def test_miss_modes_other_than_hot_need_cold_copies() -> None:
     with pytest.raises(ValueError, match="cold expert copies"):
-        ExpertCache(_experts(1, 2, QType.F32), ResidencyOptions.build("50%", miss="cold"), None)
+        ExpertCache(_experts(1, 2, QType.F32), Options.parse(expert_budget="50%", miss="cold"), None)
 
 
 def test_prefetch_loads_predictions_and_scores_them() -> None:

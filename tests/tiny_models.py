@@ -41,12 +41,15 @@ ARCHS = ("mixtral", "qwen2moe", "qwen3moe", "olmoe", "llama", "qwen2", "qwen3")
 MOE_ARCHS = ARCHS[:4]
 
 
-def build(arch: str, out: Path, seed: int = 0) -> Path:
-    """Save a tiny random `arch` model with the shipped tokenizer into `out` (created)."""
+def build(arch: str, out: Path, seed: int = 0, **config: object) -> Path:
+    """Save a tiny random `arch` model with the shipped tokenizer into `out` (created); `config` overrides
+    fields of its transformers config."""
     import torch
     import transformers as tf
 
     cfg = _configs()[arch]
+    for k, v in config.items():
+        setattr(cfg, k, v)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
     with torch.no_grad():

@@ -1,6 +1,6 @@
-"""Residency options and the pure rules of the expert cache: budgets, HOBBIT's miss tiers, ERAS biases.
+"""The pure rules of the expert cache: budgets, HOBBIT's miss tiers, ERAS biases, the miss cost model.
 
-Kept free of state so each rule is tested on hand-made numbers; store.ExpertCache applies them.
+Kept free of state so each rule is tested on hand-made numbers; experts.cache.ExpertCache applies them.
 """
 from __future__ import annotations
 
@@ -10,18 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .policies import CachePolicy
-
 
 class MissMode(enum.Enum):
     HOT = "hot"            # every miss loads the full-precision copy into the arena
     COLD = "cold"          # every miss computes with the low-precision copy
     ADAPTIVE = "adaptive"  # HOBBIT: by the gate weight ranked above the expert (thresholds t1, t2)
-
-
-class Device(enum.Enum):
-    CPU = "cpu"    # the hot arena in RAM
-    CUDA = "cuda"  # the hot arena in GPU memory, hot experts computed there
 
 
 class Placement(enum.Enum):
@@ -63,19 +56,19 @@ class Budget:
     nbytes: int | None = None
 
     @classmethod
-    def parse(cls, value: "str | int | float | Budget") -> "Budget":
-        """"25%", 0.25 (a fraction), "2GiB", "512MB", or an int number of bytes."""
+    def parse(cls, value: "str | int | float | Budget", what: str = "expert_budget") -> "Budget":
+        """"25%", 0.25 (a fraction), "2GiB", "512MB", or an int number of bytes; `what` names the option."""
         if isinstance(value, Budget):
             return value
         if isinstance(value, bool):
-            raise ValueError(f"expert_budget={value!r}: give a share like '25%' or a size like '2GiB'")
+            raise ValueError(f"{what}={value!r}: give a share like '25%' or a size like '2GiB'")
         if isinstance(value, float):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"expert_budget={value}: a float is a fraction in [0, 1]; use '25%' or '2GiB'")
+                raise ValueError(f"{what}={value}: a float is a fraction in [0, 1]; use '25%' or '2GiB'")
             return cls(fraction=value)
         if isinstance(value, int):
             if value < 0:
-                raise ValueError(f"expert_budget={value}: bytes must not be negative")
+                raise ValueError(f"{what}={value}: bytes must not be negative")
             return cls(nbytes=value)
         s = str(value).strip().lower().replace(" ", "")
         if s.endswith("%"):
@@ -84,11 +77,11 @@ class Budget:
             except ValueError:
                 pct = -1.0
             if not 0.0 <= pct <= 100.0:
-                raise ValueError(f"expert_budget={value!r}: a percentage must be between 0% and 100%")
+                raise ValueError(f"{what}={value!r}: a percentage must be between 0% and 100%")
             return cls(fraction=pct / 100.0)
         m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", s)
         if not m or m.group(2) not in _UNITS:
-            raise ValueError(f"expert_budget={value!r}: give a share like '25%' or a size like '2GiB', '512MB'")
+            raise ValueError(f"{what}={value!r}: give a share like '25%' or a size like '2GiB', '512MB'")
         return cls(nbytes=int(float(m.group(1)) * _UNITS[m.group(2)]))
 
     def slots(self, n_experts: int, slot_bytes: int) -> int:
@@ -96,45 +89,6 @@ class Budget:
         if self.fraction is not None:
             return min(n_experts, int(round(self.fraction * n_experts)))
         return min(n_experts, int(self.nbytes // max(slot_bytes, 1)))
-
-
-@dataclass(frozen=True)
-class ResidencyOptions:
-    expert_budget: Budget
-    cache_policy: CachePolicy = CachePolicy.LRU
-    miss: MissMode = MissMode.HOT
-    eras_alpha: float = 0.0
-    eras_beta: float = 0.0
-    prefetch: int = 0          # layers ahead whose routers predict the experts to load
-    device: Device = Device.CPU
-    miss_placement: Placement = Placement.AUTO  # where cold misses compute when device is CUDA
-    t1: float = 0.6            # HOBBIT: load hot while the weight ranked above is <= t1
-    t2: float = 0.9            # ... compute cold while it is <= t2, skip beyond
-
-    @classmethod
-    def build(cls, expert_budget: "str | int | float | Budget", cache_policy: "CachePolicy | str" = "lru",
-              miss: "MissMode | str" = "hot", eras_alpha: float = 0.0, eras_beta: float = 0.0, prefetch: int = 0,
-              t1: float = 0.6, t2: float = 0.9, device: "Device | str" = "cpu",
-              miss_placement: "Placement | str" = "auto") -> "ResidencyOptions":
-        """From user-facing values (strings as on the command line), with clear errors."""
-        def enum_of(kind: type[enum.Enum], v: object, what: str) -> enum.Enum:
-            try:
-                return v if isinstance(v, kind) else kind(str(v).lower())
-            except ValueError:
-                raise ValueError(f"unknown {what} {v!r}; choose one of {', '.join(m.value for m in kind)}") from None
-        if eras_alpha < 0 or eras_beta < 0:
-            raise ValueError(f"eras_alpha={eras_alpha}, eras_beta={eras_beta}: both must be >= 0")
-        if prefetch < 0:
-            raise ValueError(f"prefetch={prefetch}: layers ahead must be >= 0")
-        if not 0.0 <= t1 <= t2 <= 1.0:
-            raise ValueError(f"miss thresholds t1={t1}, t2={t2}: need 0 <= t1 <= t2 <= 1")
-        dev, place = enum_of(Device, device, "device"), enum_of(Placement, miss_placement, "miss_placement")
-        if dev == Device.CPU and place != Placement.AUTO:
-            raise ValueError(f"miss_placement={place.value!r} (--miss-placement) needs device='cuda' (--device cuda): "
-                             "on the CPU every miss already runs on the CPU")
-        return cls(Budget.parse(expert_budget), enum_of(CachePolicy, cache_policy, "cache_policy"),
-                   enum_of(MissMode, miss, "miss mode"), float(eras_alpha), float(eras_beta), int(prefetch),
-                   dev, place, float(t1), float(t2))
 
 
 def miss_tiers(weights: np.ndarray, t1: float, t2: float) -> np.ndarray:

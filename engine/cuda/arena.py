@@ -3,9 +3,9 @@
 Experts are uploaded as their quantized bytes (never float copies) into equal slots of a single device
 allocation sized by the VRAM budget, and computed there by hotcold.quant.cuda's fused dequant kernels.
 Uploads are asynchronous: bytes are copied into a page-locked buffer, sent on the upload stream, and the
-expert carries an event the compute stream waits on, so a prefetched upload overlaps the layers computed
-meanwhile (HOBBIT). A few staging slots take cold copies uploaded for one layer's misses when the miss
-cost model says that beats computing them on the CPU (store.ExpertCache decides).
+expert's readiness handle is an event the compute stream waits on, so a prefetched upload overlaps the
+layers computed meanwhile (HOBBIT). A few staging slots take cold copies uploaded for one layer's misses
+when the miss cost model says that beats computing them on the CPU (experts.cache.ExpertCache decides).
 Runs on Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) where there is no GPU.
 """
 from __future__ import annotations
@@ -17,11 +17,10 @@ import numpy as np
 
 from hotcold.quant import QType, cuda as qcuda
 
-from . import cuda_kernels as ck
-from .cuda_memory import Gpu
-from .moe import Expert
-from .store import Arena
-from .weights import QMatrix
+from ..experts.arena import Arena
+from ..experts.expert import Expert
+from ..weights import QMatrix
+from .memory import Gpu
 
 
 @dataclass(frozen=True)
@@ -41,40 +40,18 @@ class CudaMatrix:
         return cls(typed.reshape(m.rows, m.raw.nbytes // m.rows // elem.itemsize), m.qtype, m.rows, m.cols,
                    m.raw.nbytes)
 
-    def product(self, x: Any, out: Any, stream: Any) -> None:
-        """out (n, rows) = x (n, cols) @ W^T on the device; one row takes the GEMV kernel."""
-        if x.shape[0] == 1:
-            qcuda.matvec(self.dev, self.qtype, x[0], out[0], stream)
-        else:
-            qcuda.matmul(self.dev, self.qtype, x, out, stream)
 
+class Uploaded:
+    """Readiness of an upload: the event recorded on the upload stream after its copy."""
 
-@dataclass(frozen=True)
-class CudaExpert(Expert):
-    """An expert whose matrices are on the GPU; `ready` is the event its upload completes (None: loaded)."""
-    ready: Any = None
+    def __init__(self, event: Any) -> None:
+        self.event = event
 
-    def run(self, x: Any, g: Any, u: Any, y: Any, stream: Any) -> None:
-        """y (n, n_embd) = down(silu(gate x) * up x) for device x (n, n_embd); g, u (n, n_ff) are scratch."""
-        if self.ready is not None:
-            self.ready.wait(stream)                                   # the upload has landed
-        self.gate.product(x, g, stream)                               # (n, n_ff)
-        self.up.product(x, u, stream)                                 # (n, n_ff)
-        ck.silu_mul(g, u, stream)                                     # g = silu(g) * u
-        self.down.product(g, y, stream)                               # (n, n_embd)
+    def done(self) -> bool:
+        return bool(self.event.query())
 
-    def swiglu(self, x: np.ndarray) -> np.ndarray:
-        """Host in, host out: one upload of x and one download of the result."""
-        from numba import cuda
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        n, n_ff = x.shape[0], self.gate.rows
-        g, u = cuda.device_array((n, n_ff), np.float32), cuda.device_array((n, n_ff), np.float32)
-        y = cuda.device_array((n, self.down.rows), np.float32)
-        stream = cuda.stream()
-        self.run(cuda.to_device(x, stream=stream), g, u, y, stream)
-        out = y.copy_to_host(stream=stream)
-        stream.synchronize()
-        return out
+    def wait(self) -> None:
+        self.event.synchronize()
 
 
 class Uploader:
@@ -86,8 +63,8 @@ class Uploader:
         self.done: list[Any] = [None, None]
         self.turn = 0
 
-    def upload(self, dst: Any, src: Expert, reused: bool = True) -> CudaExpert:
-        """Queue `src`'s three matrices into device bytes `dst`; the result is usable once `ready` fires.
+    def upload(self, dst: Any, src: Expert, reused: bool = True) -> Expert:
+        """Queue `src`'s three matrices into device bytes `dst`; the result is usable once its `ready` fires.
         `reused`: `dst` held an expert before, which compute queued earlier may still read."""
         i, self.turn = self.turn, self.turn ^ 1
         if self.done[i] is not None:
@@ -103,16 +80,17 @@ class Uploader:
             self.gpu.after_compute()                                  # the slot's last reader has run
         dst[:off].copy_to_device(buf[:off], stream=self.gpu.upload)
         self.done[i] = ready = self.gpu.event(self.gpu.upload)
-        return CudaExpert(*mats, ready=ready)
+        return Expert(*mats, ready=Uploaded(ready))
 
 
 class CudaArena(Arena):
     """The Arena's slots in one counted device allocation, plus `stage_slots` slots of `stage_bytes` for
     cold copies uploaded for the current layer (stage() until begin() starts the next)."""
 
-    def __init__(self, n_slots: int, slot_bytes: int, gpu: Gpu, stage_slots: int = 0, stage_bytes: int = 0) -> None:
+    def __init__(self, n_slots: int, slot_bytes: int, n_layer: int, n_expert: int, gpu: Gpu, stage_slots: int = 0,
+                 stage_bytes: int = 0) -> None:
         self.gpu = gpu
-        super().__init__(n_slots, slot_bytes)
+        super().__init__(n_slots, slot_bytes, n_layer, n_expert)
         self.stage_buf = gpu.empty((stage_slots, stage_bytes), np.uint8, "cold staging slots") if stage_slots else None
         self.uploader = Uploader(gpu, max(slot_bytes, stage_bytes))
         self.staged = 0

@@ -1,0 +1,35 @@
+"""argparse arguments built from the fields of an options dataclass (engine.options.Options,
+engine.sampling.SamplingParams), so that each option is defined once: name, flags, help, choices."""
+from __future__ import annotations
+
+import argparse
+import enum
+from dataclasses import MISSING, fields
+from typing import Any
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One argument per field of `cls` that has flags; a flag not given is left out of the namespace,
+    so the dataclass's own default applies."""
+    groups: dict[str, Any] = {}
+    for f in fields(cls):
+        md = f.metadata
+        if not md.get("flags"):
+            continue
+        group = md.get("group", "model")
+        target = parser if group == "model" else groups.setdefault(group, parser.add_argument_group(group))
+        default = f.default.value if isinstance(f.default, enum.Enum) else f.default
+        hint = f" (default {default})" if default not in (None, False, MISSING) else ""
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=md["help"] + hint)
+        if md["cli"] is None:
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = md["cli"]
+            if md["choices"] is not None:
+                kw["choices"] = [m.value for m in md["choices"]]
+        target.add_argument(*md["flags"], **kw)
+
+
+def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` the command line set."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}

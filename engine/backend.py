@@ -1,0 +1,256 @@
+"""Backends: the kernels one forward pass (engine/model.py) runs on, whatever the device.
+
+Every operation writes into a buffer the caller passes (the context's RunState): none allocates. A
+backend also places weights where it computes (`place`, built from the dataclass fields of a Block) and
+allocates the context's buffers there. CpuBackend computes in host memory with the Numba kernels of
+engine/kernels.py and hotcold.quant; cuda.backend.CudaBackend on a GPU, its stream bound in, with the
+same signatures. After vLLM's modular_kernel.py: small stage interfaces, one implementation per device.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numba
+import numpy as np
+
+from hotcold.quant import dequantize_rows
+from hotcold.quant.kernels import MATMUL, MATVEC
+
+from . import kernels
+from .config import Activation
+from .experts.arena import Arena
+from .experts.cache import ExpertCache
+from .experts.expert import Expert, Ready
+from .weights import DenseMatrix, QMatrix
+
+if TYPE_CHECKING:
+    from .context import Context, RunState
+    from .moe import Group
+    from .options import Options
+
+
+class Backend(ABC):
+    """The operations of a forward pass. Arrays are the backend's own (host arrays here, device arrays on a
+    GPU); `host` is the CPU backend for work done on the host (experts computed where they lie)."""
+
+    host: "CpuBackend"
+    host_memory: bool  # the backend's arrays are host arrays: downloads and uploads are no-ops
+
+    # --- memory ---------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def empty(self, shape: tuple[int, ...] | int, dtype: Any = np.float32, what: str = "activations") -> Any:
+        """A buffer where this backend computes (zero-filled on the host)."""
+
+    @abstractmethod
+    def host_view(self, buf: Any) -> np.ndarray:
+        """A host buffer shaped like `buf` that downloads and uploads go through (the buffer itself on the host)."""
+
+    @abstractmethod
+    def download(self, dev: Any, host: np.ndarray, sync: bool = True) -> np.ndarray:
+        """`dev`'s values in `host` (on the host: `dev` itself); without `sync` the copy may still be queued."""
+
+    @abstractmethod
+    def upload(self, host: np.ndarray, dev: Any) -> Any:
+        """`host`'s values in `dev`, returned (on the host: `host` itself)."""
+
+    @abstractmethod
+    def place_array(self, a: np.ndarray, what: str) -> Any:
+        """A constant array (rope tables) where this backend computes."""
+
+    def moe_state(self, n_rows: int) -> Any:
+        """Buffers of the backend's own for the MoE step of n_rows (token, expert) pairs; None if it needs none."""
+        return None
+
+    @abstractmethod
+    def attention_scratch(self, n_ctx: int) -> Any:
+        """What `attention` needs beside its operands for a context of n_ctx."""
+
+    @abstractmethod
+    def place(self, value: Any) -> Any:
+        """A weight (vector, QMatrix, DenseMatrix, Expert, or a dataclass of them) where this backend computes."""
+
+    def place_fields(self, obj: Any) -> Any:
+        """A dataclass (a Block) with every field placed: device blocks are built from the fields themselves."""
+        return dataclasses.replace(obj, **{f.name: self.place(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+
+    # --- kernels --------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def embed(self, table: QMatrix, ids: np.ndarray, host: np.ndarray, out: Any) -> None:
+        """out (T, n_embd) = rows ids (T,) of the (host) embedding table, dequantized through `host`."""
+
+    @abstractmethod
+    def matmul(self, w: Any, x: Any, out: Any) -> None:
+        """out (n, rows) = x (n, cols) @ w.T."""
+
+    @abstractmethod
+    def rms_norm(self, x: Any, w: Any, eps: float, out: Any) -> None:
+        """out = x / sqrt(mean(x^2) + eps) * w over the last axis (ggml_rms_norm then ggml_mul); in place allowed."""
+
+    @abstractmethod
+    def rope(self, x: Any, pos: Any, cos: Any, sin: Any, neox: bool) -> None:
+        """Rotate x (T, heads, head_dim) in place by the angles of positions pos (T,)."""
+
+    @abstractmethod
+    def attention(self, q: Any, k: Any, v: Any, p0: int, out: Any, scratch: Any) -> None:
+        """Causal GQA: q (T, n_head, d) at positions p0.., k/v (n_ctx, n_head_kv, d) filled to p0 + T;
+        out (T, n_head * d)."""
+
+    @abstractmethod
+    def add(self, x: Any, y: Any) -> None:
+        """x += y (the residual)."""
+
+    @abstractmethod
+    def add_bias(self, x: Any, b: Any) -> None:
+        """x[t] += b for each row t."""
+
+    @abstractmethod
+    def silu_mul(self, g: Any, u: Any) -> None:
+        """g = silu(g) * u."""
+
+    @abstractmethod
+    def zero(self, x: Any) -> None: ...
+
+    @abstractmethod
+    def gather(self, x: Any, rows: Any, out: Any) -> Any:
+        """x[rows] (n, cols), in `out` unless rows is a slice (then a view of x)."""
+
+    @abstractmethod
+    def scatter_add(self, out: Any, rows: Any, w: Any, y: Any) -> None:
+        """out[rows] += w[:, None] * y; rows distinct."""
+
+    @abstractmethod
+    def sigmoid_gate_add(self, out: Any, g: Any, y: Any) -> None:
+        """out += sigmoid(g) * y for gate logits g (T, 1) (qwen2moe's shared expert)."""
+
+    @abstractmethod
+    def wait(self, ready: Ready) -> None:
+        """Order what is computed next after `ready` (a load in flight)."""
+
+    @abstractmethod
+    def split(self, groups: Iterable["Group"], s: "RunState") -> tuple[Sequence["Group"], Sequence["Group"]]:
+        """The MoE groups this backend computes, and those the host computes (experts whose weights lie there)."""
+
+    @abstractmethod
+    def add_from_host(self, out: Any, acc: np.ndarray, s: "RunState") -> None:
+        """out += acc, a host array."""
+
+    def expert_cache(self, hot: Sequence[Sequence[Expert]], opt: "Options", cold: Sequence[Sequence[Expert]] | None,
+                     ctx: "Context") -> ExpertCache:
+        """The expert cache with its hot arena where this backend computes (RAM here)."""
+        return ExpertCache(hot, opt, cold, Arena)
+
+    # --- composed -------------------------------------------------------------------------------------
+
+    def glu(self, e: Expert, x: Any, g: Any, u: Any, out: Any, act: Activation) -> None:
+        """out (n, n_embd) = down(act(gate x) * up x) for x (n, n_embd); g, u (n, n_ff) are scratch."""
+        self.matmul(e.gate, x, g)                                            # (n, n_ff)
+        self.matmul(e.up, x, u)                                              # (n, n_ff)
+        if act is Activation.SILU:
+            self.silu_mul(g, u)                                              # g = silu(g) * u
+        self.matmul(e.down, g, out)                                          # (n, n_embd)
+
+
+_ONE = np.ones((), dtype=np.float32)
+
+
+class CpuBackend(Backend):
+    """Host memory and the CPU kernels; results are identical whatever the batch composition or thread count
+    (hotcold.quant's GEMV sums in a fixed order)."""
+
+    host_memory = True
+
+    def __init__(self) -> None:
+        self.host = self
+
+    def empty(self, shape: tuple[int, ...] | int, dtype: Any = np.float32, what: str = "activations") -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)   # calloc: pages are touched only when used
+
+    def host_view(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
+    def download(self, dev: np.ndarray, host: np.ndarray, sync: bool = True) -> np.ndarray:
+        return dev   # host views are the arrays themselves
+
+    def upload(self, host: np.ndarray, dev: np.ndarray) -> np.ndarray:
+        return host
+
+    def place_array(self, a: np.ndarray, what: str) -> np.ndarray:
+        return a
+
+    def attention_scratch(self, n_ctx: int) -> np.ndarray:
+        return np.zeros((numba.config.NUMBA_NUM_THREADS, n_ctx), dtype=np.float32)
+
+    def place(self, value: Any) -> Any:
+        return value
+
+    def embed(self, table: QMatrix, ids: np.ndarray, host: np.ndarray, out: np.ndarray) -> None:
+        dequantize_rows(table.raw, table.qtype, ids, out)
+
+    def matmul(self, w: Any, x: np.ndarray, out: np.ndarray) -> None:
+        if isinstance(w, QMatrix):
+            if x.shape[0] == 1:
+                MATVEC[w.qtype](w.kernel_view, x[0], out[0])
+            elif x.shape[0]:
+                MATMUL[w.qtype](w.kernel_view, x, out)
+        elif w.w.ndim == 1:
+            np.matmul(x, w.w, out=out[:, 0])                                 # a gate logit per token
+        else:
+            np.matmul(x, w.w.T, out=out)                                     # router logits
+
+    def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
+        n = x.shape[-1]
+        kernels.rms_norm(x.reshape(-1, n), w, eps, out.reshape(-1, n))
+
+    def rope(self, x: np.ndarray, pos: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
+        kernels.rope(x, pos, cos, sin, neox)
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarray,
+                  scratch: np.ndarray) -> None:
+        kernels.attention(q, k, v, p0, out, scratch)
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        np.add(x, y, out=x)
+
+    def add_bias(self, x: np.ndarray, b: np.ndarray) -> None:
+        np.add(x, b, out=x)
+
+    def silu_mul(self, g: np.ndarray, u: np.ndarray) -> None:
+        kernels.silu_mul(g, u)
+
+    def zero(self, x: np.ndarray) -> None:
+        x.fill(0)
+
+    def gather(self, x: np.ndarray, rows: Any, out: np.ndarray) -> np.ndarray:
+        if isinstance(rows, slice):
+            return x[rows]
+        np.take(x, rows, axis=0, out=out)
+        return out
+
+    def scatter_add(self, out: np.ndarray, rows: Any, w: np.ndarray, y: np.ndarray) -> None:
+        if isinstance(rows, slice):
+            kernels.scatter_add_block(out[rows], w, y)
+        else:
+            kernels.scatter_add(out, rows, w, y)
+
+    def sigmoid_gate_add(self, out: np.ndarray, g: np.ndarray, y: np.ndarray) -> None:
+        # numpy's float32 ufuncs in the order of out += 1 / (1 + exp(-g)) * y, in place (no temporaries;
+        # a 0-d array, unlike a Python float, is not converted per call)
+        np.negative(g, out=g)
+        np.exp(g, out=g)
+        np.add(g, _ONE, out=g)
+        np.divide(_ONE, g, out=g)
+        np.multiply(g, y, out=y)
+        np.add(out, y, out=out)
+
+    def wait(self, ready: Ready) -> None:
+        ready.wait()
+
+    def split(self, groups: Iterable["Group"], s: "RunState") -> tuple[Sequence["Group"], Sequence["Group"]]:
+        return tuple(groups), ()
+
+    def add_from_host(self, out: np.ndarray, acc: np.ndarray, s: "RunState") -> None:
+        np.add(out, acc, out=out)

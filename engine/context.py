@@ -1,0 +1,139 @@
+"""A context: the state of sequences over a model's weights (after llama.cpp's llama_context and llama2.c's
+RunState). It holds the KV cache, whose layout the attention kind chooses, the position and sequence id
+of every cached token, the rope tables, the expert store its forward passes consult, and every buffer a
+forward pass of up to n_batch tokens writes, allocated once by the model's backend: the decode loop
+allocates nothing. Weights stay in the Transformer, shared by all its contexts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .config import Attention, ModelConfig
+from .moe import ExpertStore, Routing
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .model import Transformer
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """GQA's cache: keys and values (n_layer, n_ctx, n_head_kv, head_dim) each."""
+    k: Any
+    v: Any
+
+    def rows(self, layer: int, p0: int, T: int) -> tuple[Any, Any]:
+        """The cache rows of positions p0..p0+T-1 as (T, n_head_kv * head_dim) views: projections land there."""
+        k, v = self.k[layer, p0:p0 + T], self.v[layer, p0:p0 + T]
+        return k.reshape(T, -1), v.reshape(T, -1)
+
+
+def new_kv_cache(cfg: ModelConfig, n_ctx: int, be: "Backend") -> KVCache:
+    """The cache layout the attention kind needs."""
+    if cfg.spec.attention is Attention.GQA:
+        shape = (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim)
+        return KVCache(be.empty(shape, np.float32, "KV cache"), be.empty(shape, np.float32, "KV cache"))
+    raise NotImplementedError(cfg.spec.attention)
+
+
+def rope_tables(cfg: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (n_ctx, rope_dim / 2) of theta_i = base^(-2i/d) * freq_scale per position
+    (ggml_rope_ext with ext_factor 0), computed in float64 and stored as float32."""
+    half = cfg.rope_dim // 2
+    inv = cfg.rope_base ** (-np.arange(half, dtype=np.float64) * 2.0 / cfg.rope_dim)
+    ang = np.arange(n_ctx, dtype=np.float64)[:, None] * (inv[None, :] * cfg.rope_freq_scale)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+class FFNScratch:
+    """One expert's operands for up to n rows: gathered input, gate/up products, output."""
+
+    def __init__(self, be: "Backend", n: int, n_embd: int, n_ff: int, what: str = "activations") -> None:
+        self.xs = be.empty((n, n_embd), np.float32, what)   # one expert's gathered rows
+        self.y = be.empty((n, n_embd), np.float32, what)    # one expert's output
+        self.g = be.empty(n * n_ff, np.float32, what)       # flat: (n, n_ff) views stay contiguous
+        self.u = be.empty(n * n_ff, np.float32, what)
+
+    def ff(self, n: int, n_ff: int) -> tuple[Any, Any]:
+        return self.g[:n * n_ff].reshape(n, n_ff), self.u[:n * n_ff].reshape(n, n_ff)
+
+
+class RunState:
+    """Every activation of one forward pass of up to n_batch tokens, on the backend; `*_host` are the host
+    sides of what goes up or comes down (the same arrays on the CPU)."""
+
+    def __init__(self, be: "Backend", cfg: ModelConfig, n_batch: int, n_ctx: int, n_ff: int, logit_rows: int) -> None:
+        N, E, k = n_batch, max(cfg.n_expert, 1), max(cfg.n_expert_used, 1)
+        n_q = cfg.n_head * cfg.head_dim
+        self.x = be.empty((N, cfg.n_embd))                 # the residual stream
+        self.h = be.empty((N, cfg.n_embd))                 # a sub-layer's normed input
+        self.a = be.empty((N, cfg.n_embd))                 # a sub-layer's output
+        self.q = be.empty((N, n_q))                        # queries
+        self.o = be.empty((N, n_q))                        # attention output, per head
+        self.att = be.attention_scratch(n_ctx)
+        self.router = be.empty((N, E))                     # router logits
+        self.shg = be.empty((N, 1))                        # shared-expert gate logits
+        self.pos = be.empty(N, np.int64)                   # positions of the batch's tokens
+        self.logits = be.empty((logit_rows, cfg.n_vocab))  # the head's output, logit_rows at a time
+        self.ffn = FFNScratch(be, N, cfg.n_embd, n_ff)
+        self.x_host = be.host_view(self.x)                 # embeddings going up
+        self.h_host = be.host_view(self.h)                 # the MoE input coming down (host experts, prefetch)
+        self.router_host = be.host_view(self.router)
+        self.logits_host = be.host_view(self.logits)
+        self.host_ffn = FFNScratch(be.host, N, cfg.n_embd, n_ff) if not be.host_memory else self.ffn
+        self.moe_host = be.host_view(self.a)               # the host experts' sum going up
+        self._routing = Routing(np.zeros((N, k), np.int64), np.zeros((N, k), np.float32))
+        self._guess = Routing(np.zeros((N, k), np.int64), np.zeros((N, k), np.float32))
+        self.route_scratch = np.zeros((3, E), np.float32)
+        self.device = be.moe_state(N * k)                 # what the backend's MoE step needs of its own
+
+    def routing(self, T: int) -> Routing:
+        """The buffers the layer's routing is written to."""
+        return Routing(self._routing.experts[:T], self._routing.weights[:T])
+
+    def guess(self, T: int) -> Routing:
+        """The buffers a prefetch prediction is written to."""
+        return Routing(self._guess.experts[:T], self._guess.weights[:T])
+
+
+class Context:
+    """Sequences' state over `model`: KV cache, positions, buffers, and the expert store in use
+    (`experts`, the file's own unless set; contexts may share one)."""
+
+    def __init__(self, model: "Transformer", n_ctx: int, n_batch: int = 512, experts: ExpertStore | None = None) -> None:
+        if n_ctx <= 0:
+            raise ValueError(f"n_ctx={n_ctx} must be positive")
+        if n_batch <= 0:
+            raise ValueError(f"n_batch={n_batch} must be positive")
+        be, cfg = model.backend, model.cfg
+        self.model, self.cfg = model, cfg
+        self.n_ctx, self.n_batch = n_ctx, n_batch
+        self.kv = new_kv_cache(cfg, n_ctx, be)
+        cos, sin = rope_tables(cfg, n_ctx)
+        self.rope_cos, self.rope_sin = be.place_array(cos, "rope tables"), be.place_array(sin, "rope tables")
+        self.pos = np.arange(n_ctx, dtype=np.int64)         # position of each cache cell
+        self.seq = np.zeros(n_ctx, dtype=np.int32)          # sequence id of each cache cell (one sequence: 0)
+        self.state = RunState(be, cfg, n_batch, n_ctx, model.n_ff, model.logit_rows(n_batch))
+        self.experts: ExpertStore = experts if experts is not None else model.experts
+        self.tokens: list[int] = []                         # the tokens the cache holds, in order
+        self.timings: dict[str, float] = {}                 # of the last generation (the API's)
+        self.finish_reason: str | None = None
+
+    @property
+    def n_past(self) -> int:
+        """Cache cells filled."""
+        return len(self.tokens)
+
+    def seek(self, n: int) -> None:
+        """Keep the first n cached tokens and forget the rest; 0 starts a new sequence."""
+        if not 0 <= n <= self.n_past:
+            raise ValueError(f"cannot keep {n} tokens of a context holding {self.n_past}")
+        del self.tokens[n:]
+        if n == 0:
+            self.experts.new_sequence()
+
+    def reset(self) -> None:
+        self.seek(0)

@@ -1,0 +1,76 @@
+"""The hot tier's memory: equal expert slots in one preallocated buffer, and which expert each holds.
+
+Residency is kept as arrays, updated on every load and drop, so that asking which of a layer's experts
+are resident (ERAS, hit tests) costs no scan over the slots. This arena is RAM; cuda.arena.CudaArena
+puts the buffer in VRAM by overriding `_allocate` and `_place`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..weights import QMatrix
+from .expert import DONE, Expert
+from .policies import Key
+
+
+class Arena:
+    """`n_slots` slots of `slot_bytes` for the experts of `n_layer` x `n_expert`; never grows."""
+
+    def __init__(self, n_slots: int, slot_bytes: int, n_layer: int, n_expert: int) -> None:
+        self.slot_bytes = slot_bytes
+        self.buf = self._allocate(max(n_slots, 0), slot_bytes)
+        self.free = list(range(n_slots - 1, -1, -1))
+        self.slot_of: dict[Key, int] = {}
+        self.experts: dict[Key, Expert] = {}
+        self.mask = np.zeros((n_layer, max(n_expert, 1)), dtype=bool)  # (layer, expert) is resident
+
+    def _allocate(self, n_slots: int, slot_bytes: int) -> Any:
+        return np.empty((n_slots, slot_bytes), dtype=np.uint8)
+
+    def _place(self, slot: int, src: Expert) -> Expert:
+        """Copy `src`'s three matrices into `slot`; the returned Expert views the slot (the copy is done)."""
+        mats, off = [], 0
+        for m in (src.gate, src.up, src.down):
+            view = self.buf[slot, off:off + m.raw.nbytes].reshape(m.raw.shape)
+            np.copyto(view, m.raw)
+            mats.append(QMatrix(view, m.qtype, m.rows, m.cols))
+            off += m.raw.nbytes
+        return Expert(*mats, ready=DONE)
+
+    @property
+    def n_slots(self) -> int:
+        return self.buf.shape[0]
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self.slot_of) * self.slot_bytes
+
+    def resident(self, layer: int) -> np.ndarray:
+        """(E,) bool view: which of the layer's experts are in the arena."""
+        return self.mask[layer]
+
+    def begin(self) -> None:
+        """A new layer's batch starts (a device arena recycles its staging slots)."""
+
+    def stage(self, src: Expert) -> Expert | None:
+        """A transient copy of a cold expert where this arena computes, or None (RAM: the cold copy is
+        already in host memory, so there is nothing to stage)."""
+        return None
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.slot_of
+
+    def load(self, key: Key, src: Expert) -> Expert:
+        """Queue `src` into a free slot; the result's `ready` says when its bytes are there."""
+        slot = self.free.pop()
+        self.slot_of[key] = slot
+        self.mask[key] = True
+        self.experts[key] = self._place(slot, src)
+        return self.experts[key]
+
+    def drop(self, key: Key) -> None:
+        self.free.append(self.slot_of.pop(key))
+        self.mask[key] = False
+        del self.experts[key]

@@ -1,0 +1,143 @@
+"""Everything a model is loaded with, defined once: Model.load's keywords, moe-run's flags and their help
+all come from the fields of `Options` (cli/flags.py builds the parser). Values arrive as strings or
+numbers from the edges and are parsed here into the enums and budgets the engine uses.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numba
+
+from .experts.policies import CachePolicy
+from .experts.rules import Budget, MissMode, Placement
+
+
+class Device(enum.Enum):
+    CPU = "cpu"    # everything in RAM
+    CUDA = "cuda"  # dense layers, KV cache and hot experts on the GPU
+
+
+def _enum(kind: type[enum.Enum], label: str) -> Callable[[Any], enum.Enum]:
+    def parse(v: Any) -> enum.Enum:
+        try:
+            return v if isinstance(v, kind) else kind(str(v).lower())
+        except ValueError:
+            raise ValueError(f"unknown {label} {v!r}; choose one of {', '.join(m.value for m in kind)}") from None
+    return parse
+
+
+def _budget(what: str) -> Callable[[Any], Budget | None]:
+    return lambda v: None if v is None else Budget.parse(v, what)
+
+
+def _number(kind: type, what: str, lo: float | None = None, allow_none: bool = False) -> Callable[[Any], Any]:
+    def parse(v: Any) -> Any:
+        if v is None and allow_none:
+            return None
+        try:
+            x = kind(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}={v!r}: expected a number") from None
+        if lo is not None and not x >= lo:   # also refuses NaN
+            raise ValueError(f"{what}={v!r} must be >= {lo}")
+        return x
+    return parse
+
+
+def option(default: Any, *flags: str, help: str, parse: Callable[[Any], Any], choices: type[enum.Enum] | None = None,
+           cli: type | None = str, group: str = "model") -> Any:
+    """A field of Options: its default, moe-run's flags and help, how a user's value is parsed, and for the
+    parser its enum choices and argument type (None: an on/off flag)."""
+    return field(default=default, metadata=dict(flags=flags, help=help, parse=parse, choices=choices, cli=cli,
+                                                group=group))
+
+
+RESIDENCY = "expert residency (see README)"
+
+
+@dataclass(frozen=True)
+class Options:
+    n_ctx: int = option(2048, "-c", "--ctx-size", help="context size in tokens", parse=_number(int, "n_ctx", 1),
+                        cli=int)
+    n_batch: int = option(512, "-b", "--batch-size", help="prompt tokens per forward batch",
+                          parse=_number(int, "n_batch", 1), cli=int)
+    n_threads: int | None = option(None, "-t", "--threads", help="threads (default: all cores)",
+                                   parse=_number(int, "n_threads", 1, allow_none=True), cli=int)
+    seed: int | None = option(None, "--seed", help="random seed (default: random)",
+                              parse=lambda v: None if v is None else int(v), cli=int)
+    verbose: bool = option(False, "--verbose", help="print load time and prompt/decode speed to stderr",
+                           parse=bool, cli=None)
+    expert_budget: Budget | None = option(
+        None, "--expert-budget", help="hot expert arena size: a share like 25%% or a size like 2GiB (default: no cache)",
+        parse=_budget("expert_budget"), group=RESIDENCY)
+    cache_policy: CachePolicy = option(CachePolicy.LRU, "--cache-policy", help="eviction policy",
+                                       parse=_enum(CachePolicy, "cache_policy"), choices=CachePolicy, group=RESIDENCY)
+    miss: MissMode = option(MissMode.HOT, "--miss", help="a miss loads the hot copy, computes with the cold copy, "
+                            "or decides by gate weight", parse=_enum(MissMode, "miss mode"), choices=MissMode,
+                            group=RESIDENCY)
+    miss_t1: float = option(0.6, "--miss-t1", help="adaptive misses: load hot while the gate weight ranked above "
+                            "is <= this share", parse=_number(float, "miss_t1"), cli=float, group=RESIDENCY)
+    miss_t2: float = option(0.9, "--miss-t2", help="adaptive misses: compute cold while it is <= this, skip beyond",
+                            parse=_number(float, "miss_t2"), cli=float, group=RESIDENCY)
+    eras_alpha: float = option(0.0, "--eras-alpha", help="add to resident experts' routing probability",
+                               parse=_number(float, "eras_alpha", 0.0), cli=float, group=RESIDENCY)
+    eras_beta: float = option(0.0, "--eras-beta", help="lower non-resident logits by beta*(1-freq)",
+                              parse=_number(float, "eras_beta", 0.0), cli=float, group=RESIDENCY)
+    prefetch: int = option(0, "--prefetch", help="layers ahead to predict and load experts for (0 = off)",
+                           parse=_number(int, "prefetch", 0), cli=int, group=RESIDENCY)
+    cold_path: Path | None = option(None, "--cold", help="cold copies (default: MODEL.cold.gguf)",
+                                    parse=lambda v: None if v is None else Path(v), group=RESIDENCY)
+    device: Device = option(Device.CPU, "--device", help="cuda: dense layers, KV cache and hot experts on the GPU",
+                            parse=_enum(Device, "device"), choices=Device, group=RESIDENCY)
+    vram_budget: Budget | None = option(
+        None, "--vram-budget", help="with --device cuda: GPU memory for all of it (e.g. 6GiB); hot experts get "
+        "what is left", parse=_budget("vram_budget"), group=RESIDENCY)
+    miss_placement: Placement = option(
+        Placement.AUTO, "--miss-placement", help="with --device cuda: cold misses uploaded to the GPU or computed "
+        "on the CPU (auto: by measured cost)", parse=_enum(Placement, "miss_placement"), choices=Placement,
+        group=RESIDENCY)
+
+    @classmethod
+    def parse(cls, **values: Any) -> "Options":
+        """From user-facing values (strings as on the command line, or the engine's own types), with clear
+        errors; options not given keep their defaults."""
+        known = {f.name: f for f in fields(cls)}
+        for k in values:
+            if k not in known:
+                raise TypeError(f"unknown option {k!r}; options are: {', '.join(known)}")
+        opt = cls(**{k: known[k].metadata["parse"](v) for k, v in values.items()})
+        opt._check()
+        return opt
+
+    def _check(self) -> None:
+        if self.n_threads is not None and self.n_threads > numba.config.NUMBA_NUM_THREADS:
+            raise ValueError(f"n_threads={self.n_threads}: this machine allows 1..{numba.config.NUMBA_NUM_THREADS}")
+        if not 0.0 <= self.miss_t1 <= self.miss_t2 <= 1.0:
+            raise ValueError(f"miss thresholds miss_t1={self.miss_t1}, miss_t2={self.miss_t2}: "
+                             "need 0 <= t1 <= t2 <= 1")
+        if self.device == Device.CPU and self.miss_placement != Placement.AUTO:
+            raise ValueError(f"miss_placement={self.miss_placement.value!r} (--miss-placement) needs device='cuda' "
+                             "(--device cuda): on the CPU every miss already runs on the CPU")
+        if self.vram_budget is not None:
+            if self.device != Device.CUDA:
+                raise ValueError(f"vram_budget needs device='cuda' (--device cuda), not device={self.device.value!r}")
+            if self.expert_budget is not None:
+                raise ValueError("give vram_budget (the GPU's share: the hot experts get what the dense layers "
+                                 "leave) or expert_budget, not both")
+            if self.vram_budget.nbytes is None:
+                raise ValueError("vram_budget: give a size such as '6GiB' (a share of the experts is expert_budget, "
+                                 "--expert-budget)")
+
+    @property
+    def residency(self) -> bool:
+        """Whether any option asks for the expert cache (else experts are read straight from the file)."""
+        return (self.expert_budget is not None or self.miss != MissMode.HOT or bool(self.eras_alpha)
+                or bool(self.eras_beta) or self.prefetch > 0 or self.cold_path is not None or self.device != Device.CPU)
+
+    @property
+    def budget(self) -> Budget:
+        """The hot arena's budget: all experts unless one was given."""
+        return self.expert_budget if self.expert_budget is not None else Budget(fraction=1.0)
