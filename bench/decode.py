@@ -1,19 +1,24 @@
-"""Prompt and decode speed of the hotcold engine against llama.cpp on the same files and threads, same run.
+"""Prompt and decode speed of hotcold against llama.cpp on the same files and threads, in one run.
 
-Models: the shipped trained Mixtral (converted to Q8_0 and Q4_K) and a generated Mixtral-shaped model
-of about --gb GB at Q4_K (written directly as GGUF with valid random blocks). Also cold and warm
-start to first token in fresh processes: the warm start must compile nothing (Numba's cache).
+Models: the shipped trained Mixtral (Q8_0 and Q4_K) and a generated Mixtral-shaped model of about --gb GB at
+Q4_K, and the same shape at Q8_0 (written directly as GGUF with valid random blocks). Each measurement runs
+in a fresh process that loads the model, warms it up (compiles) and then times what a user times: a
+prompt of --prompts tokens, then --decode greedy tokens, through hotcold.Model.generate and
+llama_cpp.Llama.generate (llama.cpp's own counters, llama_perf_context). The engines alternate, --reps
+times; medians are printed with the ratio hotcold / llama.cpp, the weight bytes decode reads per token
+times its tokens/s (GB/s), and the machine's read bandwidth measured in the same run (a multi-threaded sum
+of a 1 GiB array). Also the start to first token in a fresh process with an empty Numba cache.
 
-    python bench/decode.py [--gb 1.0] [--threads 2] [--prompt 64] [--decode 128]
+    python bench/decode.py [--gb 1.0] [--threads 1 2] [--prompts 64 512] [--decode 128] [--reps 3]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import gguf
@@ -21,40 +26,105 @@ import numpy as np
 
 from hotcold.convert import convert
 from hotcold.engine.gguf_file import GGUFFile
-from hotcold.engine.model import Transformer
 from hotcold.quant import QType, byte_shape, quantize
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED = REPO / "models" / "mixtral-trained"
 
-# Fresh-process start: load, one prompt token, its logits; prints seconds and Numba compilations.
-_START = """
+# One engine, one model, one thread count, in a fresh process: warm up, then prompt + decode per prompt length.
+_WORKER = r"""
+import json, sys, time
+engine, path, threads, prompts, n_decode = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
+import numpy as np
+rng = np.random.default_rng(0)
+out = {}
+n_ctx = max(prompts) + n_decode + 16
+if engine == "hotcold":
+    from hotcold import Model
+    m = Model(path, n_ctx=n_ctx, n_threads=threads)
+    greedy = dict(temperature=0, ignore_eos=True)
+    "".join(m.generate([1, 5, 9, 13], max_tokens=4, **greedy))           # compile and warm
+    "".join(m.generate([1] + list(range(20, 20 + max(prompts) - 1)), max_tokens=2, **greedy))
+    for p in prompts:
+        ids = [1] + [int(t) for t in rng.integers(3, 4000, size=p - 1)]
+        "".join(m.generate(ids, max_tokens=n_decode, **greedy))
+        t = m.timings
+        out[p] = (t["prompt_tokens"] / t["prompt_s"], t["gen_tokens"] / t["gen_s"])
+else:
+    import llama_cpp
+    llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    def run(ids, n):
+        llm.reset()
+        llama_cpp.llama_perf_context_reset(llm.ctx)
+        for i, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True)):
+            if i + 1 >= n:
+                break
+        return llama_cpp.llama_perf_context(llm.ctx)
+    run([1, 5, 9, 13], 4)
+    run([1] + list(range(20, 20 + max(prompts) - 1)), 2)
+    for p in prompts:
+        ids = [1] + [int(t) for t in rng.integers(3, 4000, size=p - 1)]
+        d = run(ids, n_decode + 1)                                            # the first token ends the prompt
+        out[p] = (d.n_p_eval / (d.t_p_eval_ms / 1e3), d.n_eval / (d.t_eval_ms / 1e3))
+    llm.close()
+print("RESULT", json.dumps(out))
+"""
+
+_BANDWIDTH = r"""
+import sys, time, numpy as np, numba
+from numba import njit, prange
+@njit(parallel=True, fastmath=True)
+def rsum(a):
+    s = 0.0
+    for i in prange(a.shape[0]):
+        s += a[i]
+    return s
+numba.set_num_threads(int(sys.argv[1]))
+a = np.ones(2**28, np.float32)
+rsum(a)
+ts = []
+for _ in range(7):
+    t0 = time.perf_counter(); rsum(a); ts.append(time.perf_counter() - t0)
+print("RESULT", a.nbytes / float(np.median(ts)) / 1e9)
+"""
+
+# Fresh-process start: load, one prompt, its first token; prints seconds and Numba compilations.
+_START = r"""
 import sys, time
 t0 = time.perf_counter()
-import numpy as np
 from numba.core.registry import CPUDispatcher
-from hotcold.engine.gguf_file import GGUFFile
-from hotcold.engine.model import Transformer
-m = Transformer.load(GGUFFile(sys.argv[1]))
-ctx = m.context(64)
-m.forward(np.array([1, 2]), ctx)
-m.forward(np.array([3]), ctx)
+from hotcold import Model
+m = Model(sys.argv[1], n_ctx=64)
+"".join(m.generate([1, 2, 3], max_tokens=1, temperature=0))
 import gc
 misses = sum(sum(o.stats.cache_misses.values()) for o in gc.get_objects() if isinstance(o, CPUDispatcher))
-print("START", time.perf_counter() - t0, misses)
+print("RESULT", time.perf_counter() - t0, misses)
 """
 
 
-def random_q4_k(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Valid Q4_K rows: random bytes with small finite fp16 d/dmin (block_q4_K: d, dmin, scales, qs)."""
-    raw = rng.integers(0, 256, size=byte_shape((rows, cols), QType.Q4_K), dtype=np.uint8)
-    blocks = raw.reshape(-1, 144)
-    blocks[:, 0:4] = np.frombuffer(np.array([1e-3, 1e-3], dtype=np.float16).tobytes(), dtype=np.uint8)
+def _run(code: str, *args: str, env: dict[str, str] | None = None) -> str:
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
+    if r.returncode or line is None:
+        raise RuntimeError(f"worker failed ({r.returncode}): {r.stderr[-2000:]}")
+    return line[len("RESULT "):]
+
+
+def random_blocks(rows: int, cols: int, qtype: QType, rng: np.random.Generator) -> np.ndarray:
+    """Valid rows of `qtype`: random bytes with small finite fp16 scales (Q4_K: d, dmin; Q8_0: d)."""
+    raw = rng.integers(0, 256, size=byte_shape((rows, cols), qtype), dtype=np.uint8)
+    if qtype == QType.Q4_K:
+        raw.reshape(-1, 144)[:, 0:4] = np.frombuffer(np.array([1e-3, 1e-3], np.float16).tobytes(), np.uint8)
+    elif qtype == QType.Q8_0:
+        raw.reshape(-1, 34)[:, 0:2] = np.frombuffer(np.array([2e-4], np.float16).tobytes(), np.uint8)
+    else:
+        raise ValueError(qtype)
     return raw
 
 
-def generate_gguf(out: Path, gb: float) -> Path:
-    """A Mixtral-shaped Q4_K GGUF of about `gb` GB; vocab and metadata from the shipped trained model."""
+def generate_gguf(out: Path, gb: float, qtype: QType = QType.Q4_K) -> Path:
+    """A Mixtral-shaped GGUF (hidden 2048, 8 experts of 5632, top-2) with as many layers as make about `gb` GB
+    at Q4_K, its matrices at `qtype`; vocab and metadata from the shipped trained model."""
     src = GGUFFile(convert(TRAINED, out.with_suffix(".src.gguf"), type="f32", cold_type=None, progress=False).path)
     H, F, E, V, heads, kv = 2048, 5632, 8, src.tensors["token_embd.weight"].shape[0], 16, 8
     per_layer = 3 * E * H * F * 144 / 256 + (2 * H * H + 2 * H * H // 2) * 144 / 256
@@ -82,7 +152,7 @@ def generate_gguf(out: Path, gb: float) -> Path:
     w.add_expert_used_count(2)
     w.add_vocab_size(V)
     w.add_rope_dimension_count(H // heads)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M if qtype == QType.Q4_K else gguf.LlamaFileType.MOSTLY_Q8_0)
     rng = np.random.default_rng(0)
     tensors: list[tuple[str, np.ndarray, QType]] = [
         ("token_embd.weight", quantize(rng.standard_normal((V, H), dtype=np.float32), QType.Q8_0), QType.Q8_0)]
@@ -90,14 +160,14 @@ def generate_gguf(out: Path, gb: float) -> Path:
         p = f"blk.{b}."
         tensors += [(p + "attn_norm.weight", np.ones(H, np.float32), QType.F32),
                     (p + "ffn_norm.weight", np.ones(H, np.float32), QType.F32),
-                    (p + "attn_q.weight", random_q4_k(H, H, rng), QType.Q4_K),
-                    (p + "attn_k.weight", random_q4_k(H // heads * kv, H, rng), QType.Q4_K),
-                    (p + "attn_v.weight", random_q4_k(H // heads * kv, H, rng), QType.Q4_K),
-                    (p + "attn_output.weight", random_q4_k(H, H, rng), QType.Q4_K),
+                    (p + "attn_q.weight", random_blocks(H, H, qtype, rng), qtype),
+                    (p + "attn_k.weight", random_blocks(H // heads * kv, H, qtype, rng), qtype),
+                    (p + "attn_v.weight", random_blocks(H // heads * kv, H, qtype, rng), qtype),
+                    (p + "attn_output.weight", random_blocks(H, H, qtype, rng), qtype),
                     (p + "ffn_gate_inp.weight", rng.standard_normal((E, H), dtype=np.float32), QType.F32),
-                    (p + "ffn_gate_exps.weight", random_q4_k(E * F, H, rng).reshape(E, F, -1), QType.Q4_K),
-                    (p + "ffn_up_exps.weight", random_q4_k(E * F, H, rng).reshape(E, F, -1), QType.Q4_K),
-                    (p + "ffn_down_exps.weight", random_q4_k(E * H, F, rng).reshape(E, H, -1), QType.Q4_K)]
+                    (p + "ffn_gate_exps.weight", random_blocks(E * F, H, qtype, rng).reshape(E, F, -1), qtype),
+                    (p + "ffn_up_exps.weight", random_blocks(E * F, H, qtype, rng).reshape(E, F, -1), qtype),
+                    (p + "ffn_down_exps.weight", random_blocks(E * H, F, qtype, rng).reshape(E, H, -1), qtype)]
     tensors += [("output_norm.weight", np.ones(H, np.float32), QType.F32),
                 ("output.weight", quantize(rng.standard_normal((V, H), dtype=np.float32), QType.Q8_0), QType.Q8_0)]
     for name, data, t in tensors:
@@ -110,77 +180,76 @@ def generate_gguf(out: Path, gb: float) -> Path:
     return out
 
 
-def bench_hotcold(path: Path, prompt: list[int], n_decode: int) -> tuple[float, float]:
-    m = Transformer.load(GGUFFile(path))
-    ctx = m.context(len(prompt) + n_decode + 8)
-    m.forward(np.array(prompt[:4]), ctx)  # compile and warm the prompt and the decode paths
-    m.forward(np.array(prompt[4:5]), ctx)
-    ctx.reset()
-    t0 = time.perf_counter()
-    logits = m.forward(np.array(prompt), ctx)
-    t1 = time.perf_counter()
-    for _ in range(n_decode):
-        logits = m.forward(np.array([int(np.argmax(logits[-1]))]), ctx)
-    t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), n_decode / (t2 - t1)
+def decode_bytes(path: Path) -> int:
+    """Weight bytes one decoded token reads: everything but the embedding table and the unselected experts."""
+    f = GGUFFile(path)
+    k = int(next(v for key, v in f.metadata.items() if key.endswith(".expert_used_count")))
+    total = 0
+    for name, t in f.tensors.items():
+        if name == "token_embd.weight":
+            continue
+        total += t.nbytes * k // t.shape[0] if "_exps." in name else t.nbytes
+    return total
 
 
-def bench_llama_cpp(path: Path, prompt: list[int], n_decode: int, threads: int) -> tuple[float, float]:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + n_decode + 8, n_batch=512, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
-    llm.eval(prompt[:4])
-    llm.eval(prompt[4:5])
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    t1 = time.perf_counter()
-    for _ in range(n_decode):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    t2 = time.perf_counter()
-    llm.close()
-    return len(prompt) / (t1 - t0), n_decode / (t2 - t1)
-
-
-def start_time(path: Path, cache_dir: Path) -> tuple[float, int]:
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
-    r = subprocess.run([sys.executable, "-c", _START, str(path)], capture_output=True, text=True, check=True, env=env)
-    _, secs, misses = next(ln for ln in r.stdout.splitlines() if ln.startswith("START")).split()
-    return float(secs), int(misses)
+def median(xs: list[float]) -> float:
+    return float(np.median(xs))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gb", type=float, default=1.0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--gb", type=float, default=1.0, help="size of the generated model at Q4_K")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3, help="runs of each engine, alternating")
+    ap.add_argument("--models", nargs="+", default=["trained-q8_0", "trained-q4_k", "gen-q4_k", "gen-q8_0"])
+    ap.add_argument("--work", type=Path, default=None, help="folder for the model files (default: a new temp dir)")
+    ap.add_argument("--no-start", action="store_true", help="skip the cold-start measurement")
     args = ap.parse_args()
-    import numba
-    numba.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="hotcold-decode-"))
-    files = {
-        "trained Q8_0": convert(TRAINED, work / "t-q8_0.gguf", type="q8_0", cold_type=None, progress=False).path,
-        "trained Q4_K": convert(TRAINED, work / "t-q4_k.gguf", type="q4_k", cold_type=None, progress=False).path,
+    work = args.work or Path(tempfile.mkdtemp(prefix="hotcold-decode-"))
+    work.mkdir(parents=True, exist_ok=True)
+    makers = {
+        "trained-q8_0": lambda p: convert(TRAINED, p, type="q8_0", cold_type=None, progress=False).path,
+        "trained-q4_k": lambda p: convert(TRAINED, p, type="q4_k", cold_type=None, progress=False).path,
+        "gen-q4_k": lambda p: generate_gguf(p, args.gb, QType.Q4_K),
+        "gen-q8_0": lambda p: generate_gguf(p, args.gb, QType.Q8_0),
     }
-    print(f"generating a {args.gb} GB Mixtral-shaped Q4_K model ...", file=sys.stderr)
-    files[f"generated {args.gb:g} GB Q4_K"] = generate_gguf(work / "gen-q4_k.gguf", args.gb)
-    prompt = [1] + [int(t) for t in np.random.default_rng(0).integers(3, 4000, size=args.prompt - 1)]
-    print(f"\n{args.threads} threads, {args.prompt}-token prompt, {args.decode} decoded tokens\n")
-    print("| model | MiB | hotcold prompt t/s | llama.cpp prompt t/s | ratio | hotcold decode t/s | "
-          "llama.cpp decode t/s | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    files = {}
+    for name in args.models:
+        path = work / f"{name}.gguf"
+        files[name] = path if path.is_file() else makers[name](path)
+    bandwidth = {t: median([float(_run(_BANDWIDTH, str(t))) for _ in range(2)]) for t in args.threads}
+    cols = "".join(f" hotcold pp{p} | llama.cpp pp{p} | ratio |" for p in args.prompts)
+    print(f"\n{args.decode} decoded tokens; medians of {args.reps} alternating runs per engine; tokens/s\n")
+    print(f"| model | MiB | threads |{cols} hotcold tg | llama.cpp tg | ratio | hotcold GB/s | llama.cpp GB/s | "
+          "read GB/s |")
+    print("|---|---:|---:|" + "---:|" * (3 * len(args.prompts) + 6))
     for name, path in files.items():
-        hp, hd = bench_hotcold(path, prompt, args.decode)
-        lp, ld = bench_llama_cpp(path, prompt, args.decode, args.threads)
-        print(f"| {name} | {path.stat().st_size / 2**20:.0f} | {hp:.1f} | {lp:.1f} | {hp / lp:.2f}x | "
-              f"{hd:.1f} | {ld:.1f} | {hd / ld:.2f}x |", flush=True)
-    print("\nstart to first token in a fresh process (trained Q8_0), with an empty Numba cache, then warm:")
-    cache = work / "numba-cache"
-    for label in ("cold start", "warm start"):
-        secs, misses = start_time(files["trained Q8_0"], cache)
-        print(f"- {label}: {secs:.2f} s, Numba cache misses (compilations): {misses}")
+        per_token = decode_bytes(path)
+        for t in args.threads:
+            runs: dict[str, list[dict]] = {"hotcold": [], "llama.cpp": []}
+            for rep in range(args.reps):
+                for engine in (("hotcold", "llama.cpp") if rep % 2 == 0 else ("llama.cpp", "hotcold")):
+                    code = "hotcold" if engine == "hotcold" else "llama"
+                    res = json.loads(_run(_WORKER, code, str(path), str(t), json.dumps(args.prompts), str(args.decode)))
+                    runs[engine].append({int(k): v for k, v in res.items()})
+            row = f"| {name} | {path.stat().st_size / 2**20:.0f} | {t} |"
+            for p in args.prompts:
+                h, ll = median([r[p][0] for r in runs["hotcold"]]), median([r[p][0] for r in runs["llama.cpp"]])
+                row += f" {h:.1f} | {ll:.1f} | {h / ll:.2f}x |"
+            p0 = args.prompts[0]
+            h, ll = median([r[p0][1] for r in runs["hotcold"]]), median([r[p0][1] for r in runs["llama.cpp"]])
+            row += (f" {h:.1f} | {ll:.1f} | {h / ll:.2f}x | {h * per_token / 1e9:.1f} | {ll * per_token / 1e9:.1f} | "
+                    f"{bandwidth[t]:.1f} |")
+            print(row, flush=True)
+    if not args.no_start:
+        print("\nstart to first token in a fresh process (trained Q8_0), with an empty Numba cache, then warm:")
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(work / "numba-cache"))
+        first = files.get("trained-q8_0") or makers["trained-q8_0"](work / "trained-q8_0.gguf")
+        for label in ("cold start", "warm start"):
+            secs, misses = _run(_START, str(first), env=env).split()
+            print(f"- {label}: {float(secs):.2f} s, Numba compilations: {misses}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class Model:
         self.gpu = None
         self.model = Transformer.load(self.file, self._backend(opt))
         # the context's KV cache and buffers come before the arena: on a GPU the arena takes what they leave
-        self.ctx: Context = self.model.context(opt.n_ctx, opt.n_batch)
+        self.ctx: Context = self.model.context(opt.n_ctx, opt.n_batch, type_k=opt.type_k, type_v=opt.type_v)
         self.cache: ExpertCache | None = self._expert_cache(opt) if opt.residency else None
         if self.cache is not None:
             self.ctx.experts = self.cache

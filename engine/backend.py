@@ -15,18 +15,18 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numba
 import numpy as np
 
-from hotcold.quant import dequantize_rows
+from hotcold.quant import dequantize_rows, int8
 from hotcold.quant.kernels import MATMUL, MATVEC
 
 from . import kernels
-from .config import Activation
+from .config import Activation, CacheType
 from .experts.arena import Arena
 from .experts.cache import ExpertCache
 from .experts.expert import Expert, Ready
 from .weights import DenseMatrix, QMatrix
 
 if TYPE_CHECKING:
-    from .context import Context, RunState
+    from .context import Context, FFNScratch, RunState
     from .moe import Group
     from .options import Options
 
@@ -65,8 +65,21 @@ class Backend(ABC):
         return None
 
     @abstractmethod
-    def attention_scratch(self, n_ctx: int) -> Any:
+    def new_acts(self, n_rows: int, n: int) -> Any:
+        """Room for a matrix input of up to n_rows x n and the quantized forms the integer kernels read."""
+
+    @abstractmethod
+    def acts(self, x: Any, a: Any) -> Any:
+        """x as a matrix input, through `a` (from new_acts): quantized once, on first use, for every matrix
+        that reads it."""
+
+    @abstractmethod
+    def attention_scratch(self, n_ctx: int, head_dim: int) -> Any:
         """What `attention` needs beside its operands for a context of n_ctx."""
+
+    @abstractmethod
+    def kv_array(self, shape: tuple[int, ...], kind: CacheType) -> Any:
+        """A KV cache array holding values of `kind`."""
 
     @abstractmethod
     def place(self, value: Any) -> Any:
@@ -84,7 +97,8 @@ class Backend(ABC):
 
     @abstractmethod
     def matmul(self, w: Any, x: Any, out: Any) -> None:
-        """out (n, rows) = x (n, cols) @ w.T."""
+        """out (n, rows) = x (n, cols) @ w.T; x is an array, or what `acts` returned (the integer kernels
+        take its quantized form)."""
 
     @abstractmethod
     def rms_norm(self, x: Any, w: Any, eps: float, out: Any) -> None:
@@ -95,9 +109,12 @@ class Backend(ABC):
         """Rotate x (T, heads, head_dim) in place by the angles of positions pos (T,)."""
 
     @abstractmethod
-    def attention(self, q: Any, k: Any, v: Any, p0: int, out: Any, scratch: Any) -> None:
-        """Causal GQA: q (T, n_head, d) at positions p0.., k/v (n_ctx, n_head_kv, d) filled to p0 + T;
-        out (T, n_head * d)."""
+    def store_kv(self, kv: Any, layer: int, p0: int, k: Any, v: Any) -> None:
+        """Write new keys and values k, v (T, n_head_kv * head_dim) at positions p0.. of a layer's cache."""
+
+    @abstractmethod
+    def attention(self, q: Any, kv: Any, layer: int, p0: int, out: Any, scratch: Any) -> None:
+        """Causal GQA: q (T, n_head, d) at positions p0.. over a layer's cache filled to p0 + T; out (T, n_head * d)."""
 
     @abstractmethod
     def add(self, x: Any, y: Any) -> None:
@@ -115,8 +132,9 @@ class Backend(ABC):
     def zero(self, x: Any) -> None: ...
 
     @abstractmethod
-    def gather(self, x: Any, rows: Any, out: Any) -> Any:
-        """x[rows] (n, cols), in `out` unless rows is a slice (then a view of x)."""
+    def gather(self, x: Any, rows: Any, scratch: "FFNScratch") -> Any:
+        """The matrix input x[rows] (n, cols) for x from `acts`: x itself for a slice of all its rows (decode,
+        quantized once for every expert), else gathered into the scratch's rows."""
 
     @abstractmethod
     def scatter_add(self, out: Any, rows: Any, w: Any, y: Any) -> None:
@@ -145,13 +163,14 @@ class Backend(ABC):
 
     # --- composed -------------------------------------------------------------------------------------
 
-    def glu(self, e: Expert, x: Any, g: Any, u: Any, out: Any, act: Activation) -> None:
-        """out (n, n_embd) = down(act(gate x) * up x) for x (n, n_embd); g, u (n, n_ff) are scratch."""
+    def glu(self, e: Expert, x: Any, scratch: "FFNScratch", out: Any, act: Activation) -> None:
+        """out (n, n_embd) = down(act(gate x) * up x) for the matrix input x (n, n_embd) from `acts`."""
+        g, u = scratch.ff(out.shape[0], e.gate.rows)
         self.matmul(e.gate, x, g)                                            # (n, n_ff)
         self.matmul(e.up, x, u)                                              # (n, n_ff)
         if act is Activation.SILU:
             self.silu_mul(g, u)                                              # g = silu(g) * u
-        self.matmul(e.down, g, out)                                          # (n, n_embd)
+        self.matmul(e.down, self.acts(g, scratch.g_acts), out)               # (n, n_embd)
 
 
 _ONE = np.ones((), dtype=np.float32)
@@ -181,8 +200,17 @@ class CpuBackend(Backend):
     def place_array(self, a: np.ndarray, what: str) -> np.ndarray:
         return a
 
-    def attention_scratch(self, n_ctx: int) -> np.ndarray:
-        return np.zeros((numba.config.NUMBA_NUM_THREADS, n_ctx), dtype=np.float32)
+    def new_acts(self, n_rows: int, n: int) -> int8.Acts:
+        return int8.Acts(n_rows, n)
+
+    def acts(self, x: np.ndarray, a: int8.Acts) -> int8.Acts:
+        return a.bind(x)
+
+    def attention_scratch(self, n_ctx: int, head_dim: int) -> np.ndarray:
+        return np.zeros((numba.config.NUMBA_NUM_THREADS, n_ctx + head_dim), dtype=np.float32)
+
+    def kv_array(self, shape: tuple[int, ...], kind: CacheType) -> np.ndarray:
+        return np.zeros(shape, dtype=np.uint16 if kind is CacheType.F16 else np.float32)   # fp16 as its bits
 
     def place(self, value: Any) -> Any:
         return value
@@ -190,7 +218,12 @@ class CpuBackend(Backend):
     def embed(self, table: QMatrix, ids: np.ndarray, host: np.ndarray, out: np.ndarray) -> None:
         dequantize_rows(table.raw, table.qtype, ids, out)
 
-    def matmul(self, w: Any, x: np.ndarray, out: np.ndarray) -> None:
+    def matmul(self, w: Any, x: Any, out: np.ndarray) -> None:
+        if isinstance(x, int8.Acts):
+            if isinstance(w, QMatrix) and w.qtype in int8.KERNELS:
+                int8.product(w.kernel_view, w.qtype, x, out)                 # integer dot products
+                return
+            x = x.x
         if isinstance(w, QMatrix):
             if x.shape[0] == 1:
                 MATVEC[w.qtype](w.kernel_view, x[0], out[0])
@@ -208,9 +241,19 @@ class CpuBackend(Backend):
     def rope(self, x: np.ndarray, pos: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
         kernels.rope(x, pos, cos, sin, neox)
 
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarray,
-                  scratch: np.ndarray) -> None:
-        kernels.attention(q, k, v, p0, out, scratch)
+    def store_kv(self, kv: Any, layer: int, p0: int, k: np.ndarray, v: np.ndarray) -> None:
+        T = k.shape[0]
+        for src, dst in ((k, kv.k[layer, p0:p0 + T]), (v, kv.v[layer, p0:p0 + T])):
+            if dst.dtype == np.uint16:
+                kernels.store_f16(src, dst)
+            else:
+                dst.reshape(T, -1)[...] = src
+
+    def attention(self, q: np.ndarray, kv: Any, layer: int, p0: int, out: np.ndarray, scratch: np.ndarray) -> None:
+        k, v = kv.k[layer], kv.v[layer]
+        if k.dtype != v.dtype:
+            raise ValueError("the CPU attention needs K and V of one cache type (type_k == type_v)")
+        (kernels.attention_f16 if k.dtype == np.uint16 else kernels.attention)(q, k, v, p0, out, scratch)
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         np.add(x, y, out=x)
@@ -224,11 +267,12 @@ class CpuBackend(Backend):
     def zero(self, x: np.ndarray) -> None:
         x.fill(0)
 
-    def gather(self, x: np.ndarray, rows: Any, out: np.ndarray) -> np.ndarray:
+    def gather(self, x: int8.Acts, rows: Any, scratch: "FFNScratch") -> int8.Acts:
         if isinstance(rows, slice):
-            return x[rows]
-        np.take(x, rows, axis=0, out=out)
-        return out
+            return x
+        xs = scratch.xs[:len(rows)]
+        np.take(x.x, rows, axis=0, out=xs)
+        return scratch.xs_acts.bind(xs)
 
     def scatter_add(self, out: np.ndarray, rows: Any, w: np.ndarray, y: np.ndarray) -> None:
         if isinstance(rows, slice):

@@ -47,6 +47,12 @@ class Attention(enum.Enum):
     GQA = "gqa"            # multi-head attention over grouped K/V heads: cache (n_ctx, n_head_kv, head_dim)
 
 
+class CacheType(enum.Enum):
+    """What the KV cache stores keys or values as (llama.cpp's --cache-type-k / --cache-type-v)."""
+    F16 = "f16"            # llama.cpp's default: half the memory; attention rounds as ggml does
+    F32 = "f32"
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     rope: RopeStyle

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import Attention, ModelConfig
+from .config import Attention, CacheType, ModelConfig
 from .moe import ExpertStore, Routing
 
 if TYPE_CHECKING:
@@ -21,21 +21,19 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class KVCache:
-    """GQA's cache: keys and values (n_layer, n_ctx, n_head_kv, head_dim) each."""
+    """GQA's cache: keys and values (n_layer, n_ctx, n_head_kv, head_dim) each, stored as type_k / type_v
+    (the backend chooses the array type: fp16 bits on the CPU)."""
     k: Any
     v: Any
-
-    def rows(self, layer: int, p0: int, T: int) -> tuple[Any, Any]:
-        """The cache rows of positions p0..p0+T-1 as (T, n_head_kv * head_dim) views: projections land there."""
-        k, v = self.k[layer, p0:p0 + T], self.v[layer, p0:p0 + T]
-        return k.reshape(T, -1), v.reshape(T, -1)
+    type_k: CacheType
+    type_v: CacheType
 
 
-def new_kv_cache(cfg: ModelConfig, n_ctx: int, be: "Backend") -> KVCache:
+def new_kv_cache(cfg: ModelConfig, n_ctx: int, be: "Backend", type_k: CacheType, type_v: CacheType) -> KVCache:
     """The cache layout the attention kind needs."""
     if cfg.spec.attention is Attention.GQA:
         shape = (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim)
-        return KVCache(be.empty(shape, np.float32, "KV cache"), be.empty(shape, np.float32, "KV cache"))
+        return KVCache(be.kv_array(shape, type_k), be.kv_array(shape, type_v), type_k, type_v)
     raise NotImplementedError(cfg.spec.attention)
 
 
@@ -56,6 +54,8 @@ class FFNScratch:
         self.y = be.empty((n, n_embd), np.float32, what)    # one expert's output
         self.g = be.empty(n * n_ff, np.float32, what)       # flat: (n, n_ff) views stay contiguous
         self.u = be.empty(n * n_ff, np.float32, what)
+        self.xs_acts = be.new_acts(n, n_embd)                # the gathered rows as a matrix input
+        self.g_acts = be.new_acts(n, n_ff)                   # silu(gate) * up as down's input
 
     def ff(self, n: int, n_ff: int) -> tuple[Any, Any]:
         return self.g[:n * n_ff].reshape(n, n_ff), self.u[:n * n_ff].reshape(n, n_ff)
@@ -72,19 +72,24 @@ class RunState:
         self.h = be.empty((N, cfg.n_embd))                 # a sub-layer's normed input
         self.a = be.empty((N, cfg.n_embd))                 # a sub-layer's output
         self.q = be.empty((N, n_q))                        # queries
+        self.k = be.empty((N, cfg.n_head_kv * cfg.head_dim))  # new keys and values, before they are stored
+        self.v = be.empty((N, cfg.n_head_kv * cfg.head_dim))
         self.o = be.empty((N, n_q))                        # attention output, per head
-        self.att = be.attention_scratch(n_ctx)
+        self.att = be.attention_scratch(n_ctx, cfg.head_dim)
         self.router = be.empty((N, E))                     # router logits
         self.shg = be.empty((N, 1))                        # shared-expert gate logits
         self.pos = be.empty(N, np.int64)                   # positions of the batch's tokens
         self.logits = be.empty((logit_rows, cfg.n_vocab))  # the head's output, logit_rows at a time
         self.ffn = FFNScratch(be, N, cfg.n_embd, n_ff)
+        self.h_acts = be.new_acts(N, cfg.n_embd)            # h as the input of q/k/v, experts, the head
+        self.o_acts = be.new_acts(N, n_q)                   # o as attn_output's input
         self.x_host = be.host_view(self.x)                 # embeddings going up
         self.h_host = be.host_view(self.h)                 # the MoE input coming down (host experts, prefetch)
         self.router_host = be.host_view(self.router)
         self.logits_host = be.host_view(self.logits)
         self.host_ffn = FFNScratch(be.host, N, cfg.n_embd, n_ff) if not be.host_memory else self.ffn
         self.moe_host = be.host_view(self.a)               # the host experts' sum going up
+        self.host_h_acts = be.host.new_acts(N, cfg.n_embd) if not be.host_memory else self.h_acts
         self._routing = Routing(np.zeros((N, k), np.int64), np.zeros((N, k), np.float32))
         self._guess = Routing(np.zeros((N, k), np.int64), np.zeros((N, k), np.float32))
         self.route_scratch = np.zeros((3, E), np.float32)
@@ -103,7 +108,8 @@ class Context:
     """Sequences' state over `model`: KV cache, positions, buffers, and the expert store in use
     (`experts`, the file's own unless set; contexts may share one)."""
 
-    def __init__(self, model: "Transformer", n_ctx: int, n_batch: int = 512, experts: ExpertStore | None = None) -> None:
+    def __init__(self, model: "Transformer", n_ctx: int, n_batch: int = 512, experts: ExpertStore | None = None,
+                 type_k: CacheType = CacheType.F16, type_v: CacheType = CacheType.F16) -> None:
         if n_ctx <= 0:
             raise ValueError(f"n_ctx={n_ctx} must be positive")
         if n_batch <= 0:
@@ -111,7 +117,7 @@ class Context:
         be, cfg = model.backend, model.cfg
         self.model, self.cfg = model, cfg
         self.n_ctx, self.n_batch = n_ctx, n_batch
-        self.kv = new_kv_cache(cfg, n_ctx, be)
+        self.kv = new_kv_cache(cfg, n_ctx, be, type_k, type_v)
         cos, sin = rope_tables(cfg, n_ctx)
         self.rope_cos, self.rope_sin = be.place_array(cos, "rope tables"), be.place_array(sin, "rope tables")
         self.pos = np.arange(n_ctx, dtype=np.int64)         # position of each cache cell

@@ -13,6 +13,9 @@ import math
 import numpy as np
 from numba import get_thread_id, njit, prange
 
+from hotcold.quant.fp import f32_to_f16
+from hotcold.quant.kernels import _f16_bits_to_f32
+
 F32 = np.float32
 
 
@@ -48,9 +51,10 @@ def rope(x: np.ndarray, pos: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox:
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarray, scratch: np.ndarray) -> None:
-    """Causal grouped-query attention: q (T, n_head, d) at positions p0.., k/v (n_ctx, n_head_kv, d) filled up
-    to p0 + T; out (T, n_head * d). Each (token, head) is one task; the softmax is max-subtracted. `scratch`
-    (threads, n_ctx) holds each thread's scores."""
+    """Causal grouped-query attention over an F32 cache: q (T, n_head, d) at positions p0.., k/v (n_ctx, n_head_kv,
+    d) filled up to p0 + T; out (T, n_head * d). Each (token, head) is one task; `scratch` (threads, >= n_ctx)
+    holds a thread's scores. The softmax is ggml's soft_max_ext: max-subtracted, summed in float64, scaled by
+    the reciprocal of the sum."""
     T, nh, d = q.shape
     g = nh // k.shape[1]
     scale = F32(1.0 / math.sqrt(d))
@@ -66,16 +70,65 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndar
                 acc += q[t, h, i] * k[j, kv, i]
             s[j] = acc * scale
             m = max(m, s[j])
-        total = F32(0)
-        for j in range(n):
-            s[j] = math.exp(s[j] - m)
-            total += s[j]
+        inv = _exp_normalizer(s, m)
         o = out[t, h * d:(h + 1) * d]
         o[:] = 0
         for j in range(n):
-            pj = s[j] / total
+            pj = s[j] * inv
             for i in range(d):
                 o[i] += pj * v[j, kv, i]
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def attention_f16(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarray, scratch: np.ndarray) -> None:
+    """As `attention` over an F16 cache (k, v hold fp16 bits), with llama.cpp's roundings: the query rounded
+    to fp16 before q.k (ggml converts it to the cache's vec_dot type), the probabilities rounded to fp16
+    before they weight V. `scratch` is (threads, n_ctx + head_dim)."""
+    T, nh, d = q.shape
+    g = nh // k.shape[1]
+    scale = F32(1.0 / math.sqrt(d))
+    n_ctx = k.shape[0]
+    for task in prange(T * nh):
+        t, h = task // nh, task % nh
+        kv = h // g
+        n = p0 + t + 1
+        row = scratch[get_thread_id()]
+        s, qr = row[:n], row[n_ctx:n_ctx + d]
+        for i in range(d):
+            qr[i] = _f16_bits_to_f32(f32_to_f16(q[t, h, i]))
+        m = F32(-np.inf)
+        for j in range(n):
+            acc = F32(0)
+            for i in range(d):
+                acc += qr[i] * _f16_bits_to_f32(k[j, kv, i])
+            s[j] = acc * scale
+            m = max(m, s[j])
+        inv = _exp_normalizer(s, m)
+        o = out[t, h * d:(h + 1) * d]
+        o[:] = 0
+        for j in range(n):
+            pj = _f16_bits_to_f32(f32_to_f16(s[j] * inv))
+            for i in range(d):
+                o[i] += pj * _f16_bits_to_f32(v[j, kv, i])
+
+
+@njit(cache=True, inline="always")
+def _exp_normalizer(s: np.ndarray, m: np.float32) -> np.float32:
+    """s = exp(s - m) in place; the reciprocal of their float64 sum, as float32 (ggml_vec_soft_max_f32, then
+    ggml_vec_scale_f32 by 1/sum)."""
+    total = 0.0
+    for j in range(s.shape[0]):
+        s[j] = math.exp(s[j] - m)
+        total += s[j]
+    return F32(1.0 / total)
+
+
+@njit(cache=True)
+def store_f16(src: np.ndarray, dst: np.ndarray) -> None:
+    """dst = the fp16 bits of src (round to nearest even), element by element over equal shapes."""
+    sf, df = src.reshape(-1), dst.reshape(-1)
+    for i in range(sf.shape[0]):
+        df[i] = f32_to_f16(sf[i])
 
 
 @njit(cache=True, fastmath={"contract"})

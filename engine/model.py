@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .backend import Backend, CpuBackend
-from .config import ModelConfig, QKNorm, RopeStyle, SharedExpert
+from .config import CacheType, ModelConfig, QKNorm, RopeStyle, SharedExpert
 from .context import Context
 from .experts.expert import Expert
 from .experts.mmap import MmapExperts, mmap_experts
@@ -107,9 +107,10 @@ class Transformer:
         output = w.matrix("output.weight") if w.has("output.weight") else embd   # tied embeddings
         return cls(cfg, load_blocks(cfg, w), embd, w.vector("output_norm.weight"), output, backend)
 
-    def context(self, n_ctx: int, n_batch: int = 512, experts: ExpertStore | None = None) -> Context:
+    def context(self, n_ctx: int, n_batch: int = 512, experts: ExpertStore | None = None,
+                type_k: CacheType = CacheType.F16, type_v: CacheType = CacheType.F16) -> Context:
         """A new context (KV cache and buffers, on this model's backend)."""
-        return Context(self, n_ctx, n_batch, experts)
+        return Context(self, n_ctx, n_batch, experts, type_k, type_v)
 
     def logit_rows(self, n_batch: int) -> int:
         """Rows of the head's output buffer: 1 on the host (all-logits passes write to their result
@@ -145,11 +146,11 @@ class Transformer:
     def _attention(self, b: Block, il: int, h: Any, pos: Any, p0: int, ctx: Context, out: Any) -> None:
         cfg, be, s = self.cfg, self.backend, ctx.state
         T, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.n_head, cfg.n_head_kv
-        q = s.q[:T]
-        k, v = ctx.kv.rows(il, p0, T)                                            # straight into the cache
-        be.matmul(b.attn_q, h, q)                                                # (T, nh*hd)
-        be.matmul(b.attn_k, h, k)                                                # (T, nkv*hd)
-        be.matmul(b.attn_v, h, v)                                                # (T, nkv*hd)
+        q, k, v = s.q[:T], s.k[:T], s.v[:T]
+        hx = be.acts(h, s.h_acts)                                                # quantized once for q, k, v
+        be.matmul(b.attn_q, hx, q)                                               # (T, nh*hd)
+        be.matmul(b.attn_k, hx, k)                                               # (T, nkv*hd)
+        be.matmul(b.attn_v, hx, v)                                               # (T, nkv*hd)
         if b.attn_q_bias is not None:
             be.add_bias(q, b.attn_q_bias)
             be.add_bias(k, b.attn_k_bias)
@@ -164,21 +165,20 @@ class Transformer:
         neox = cfg.spec.rope == RopeStyle.NEOX
         be.rope(q3, pos, ctx.rope_cos, ctx.rope_sin, neox)                       # (T, nh, hd) in place
         be.rope(k3, pos, ctx.rope_cos, ctx.rope_sin, neox)                       # (T, nkv, hd) in place
-        be.attention(q3, ctx.kv.k[il], ctx.kv.v[il], p0, s.o[:T], s.att)        # (T, nh*hd) causal softmax(qK^T)V
-        be.matmul(b.attn_output, s.o[:T], out)                                   # (T, n_embd)
+        be.store_kv(ctx.kv, il, p0, k, v)                                        # append to the cache
+        be.attention(q3, ctx.kv, il, p0, s.o[:T], s.att)                         # (T, nh*hd) causal softmax(qK^T)V
+        be.matmul(b.attn_output, be.acts(s.o[:T], s.o_acts), out)                # (T, n_embd)
 
     def _ffn(self, b: Block, il: int, h: Any, ctx: Context, out: Any) -> None:
         cfg, be, s = self.cfg, self.backend, ctx.state
         T = h.shape[0]
         if b.ffn is not None:                                                    # a dense layer
-            g, u = s.ffn.ff(T, b.ffn.gate.rows)
-            be.glu(b.ffn, h, g, u, out, cfg.spec.activation)                     # (T, n_embd)
+            be.glu(b.ffn, be.acts(h, s.h_acts), s.ffn, out, cfg.spec.activation)  # (T, n_embd)
             return
         moe(be, b.ffn_gate_inp, il, h, ctx, out)                                 # (T, n_embd) routed experts
         if b.shexp is not None:                                                  # shared expert, sigmoid-gated
-            g, u = s.ffn.ff(T, b.shexp.gate.rows)
             y = s.ffn.y[:T]
-            be.glu(b.shexp, h, g, u, y, cfg.spec.activation)                     # (T, n_embd)
+            be.glu(b.shexp, be.acts(h, s.h_acts), s.ffn, y, cfg.spec.activation)  # (T, n_embd)
             be.matmul(b.ffn_gate_inp_shexp, h, s.shg[:T])                        # (T, 1) gate logit
             be.sigmoid_gate_add(out, s.shg[:T], y)                               # out += sigmoid(gate) * y
 
@@ -193,6 +193,6 @@ class Transformer:
             m = min(step, n - i)
             head = out[i:i + m] if be.host_memory else s.logits[:m]
             be.rms_norm(x[T - n + i:T - n + i + m], self.output_norm, cfg.rms_eps, s.h[:m])   # final norm
-            be.matmul(self.output, s.h[:m], head)                                # (m, n_vocab)
+            be.matmul(self.output, be.acts(s.h[:m], s.h_acts), head)             # (m, n_vocab)
             be.download(head, out[i:i + m])
         return out

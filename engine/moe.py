@@ -116,24 +116,24 @@ def moe(be: "Backend", router: Any, layer: int, h: Any, ctx: "Context", out: Any
                     s.routing(T), s.route_scratch)                            # (T, k) experts, gate weights
     plan = store.prepare(layer, routing)                                     # expert -> weights; skips weigh 0
     here, host = be.split(plan.groups(routing), s)                           # computed by be / on the host
-    combine(be, here, h, s.ffn, cfg.spec.activation, out)                    # (T, n_embd) weighted sum
+    combine(be, here, be.acts(h, s.h_acts), s.ffn, cfg.spec.activation, out)  # (T, n_embd) weighted sum
     if host:                                                                 # Fiddler: host experts meanwhile
         acc = s.moe_host[:T]
-        combine(be.host, host, hh, s.host_ffn, cfg.spec.activation, acc)     # (T, n_embd)
+        hx = be.host.acts(hh, s.host_h_acts)
+        combine(be.host, host, hx, s.host_ffn, cfg.spec.activation, acc)     # (T, n_embd)
         be.add_from_host(out, acc, s)
     prefetch(be, layer, hh, ctx)                                             # queued loads overlap later layers
 
 
 def combine(be: "Backend", groups: Sequence[Group], x: Any, scratch: Any, act: Any, out: Any) -> None:
-    """out (T, n_embd) = sum over groups of w * expert(x[rows]), each expert run once on its rows."""
+    """out (T, n_embd) = sum over groups of w * expert(x[rows]), each expert run once on its rows; x is the
+    matrix input from be.acts."""
     be.zero(out)
     for expert, rows, w in groups:
-        n = w.shape[0]
         be.wait(expert.ready)                                                # its load has landed
-        xs = be.gather(x, rows, scratch.xs[:n])                              # (n, n_embd) its tokens
-        y = scratch.y[:n]
-        g, u = scratch.ff(n, expert.gate.rows)
-        be.glu(expert, xs, g, u, y, act)                                     # (n, n_embd)
+        xs = be.gather(x, rows, scratch)                                     # (n, n_embd) its tokens
+        y = scratch.y[:w.shape[0]]
+        be.glu(expert, xs, scratch, y, act)                                  # (n, n_embd)
         be.scatter_add(out, rows, w, y)                                      # out[rows] += w * y
 
 

@@ -62,3 +62,51 @@ def dequantize_row(lib: ctypes.CDLL, raw: np.ndarray, t: QType) -> np.ndarray:
     fn.restype = None
     fn(raw.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(_F32P), ctypes.c_int64(out.size))
     return out
+
+
+class _TraitsCPU(ctypes.Structure):  # struct ggml_type_traits_cpu (ggml-cpu.h)
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64)]
+
+
+_FROM_FLOAT = ctypes.CFUNCTYPE(None, _F32P, ctypes.c_void_p, ctypes.c_int64)
+_VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, _F32P, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+class CpuTraits:
+    """libggml-cpu's per-type kernels as llama.cpp runs them on this machine: the activation quantizer of a
+    weight type's vec_dot_type, and its dot product (ggml_get_type_traits_cpu)."""
+
+    def __init__(self) -> None:
+        import llama_cpp
+
+        found = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-cpu.*"))
+        if not found:
+            raise ImportError("no libggml-cpu in llama_cpp/lib")
+        self.lib = ctypes.CDLL(str(found[0]))
+        self.lib.ggml_cpu_init.restype = None
+        self.lib.ggml_cpu_init()
+        self.lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TraitsCPU)
+        self.lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+
+    def _traits(self, t: QType) -> _TraitsCPU:
+        return self.lib.ggml_get_type_traits_cpu(int(t)).contents
+
+    def vec_dot_type(self, t: QType) -> QType:
+        return QType(self._traits(t).vec_dot_type)
+
+    def from_float(self, x: np.ndarray, t: QType) -> np.ndarray:
+        """One row x (n,) quantized to t by llama.cpp's CPU quantizer (its SIMD path on this machine)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.zeros(byte_shape(x.shape, t), dtype=np.uint8)
+        _FROM_FLOAT(self._traits(t).from_float)(x.ctypes.data_as(_F32P), out.ctypes.data_as(ctypes.c_void_p), x.size)
+        return out
+
+    def vec_dot(self, t: QType, w_row: np.ndarray, y_row: np.ndarray, n: int) -> float:
+        """llama.cpp's dot product of one weight row of type t with one activation row of its vec_dot_type."""
+        s = ctypes.c_float(0)
+        w_row, y_row = np.ascontiguousarray(w_row), np.ascontiguousarray(y_row)
+        _VEC_DOT(self._traits(t).vec_dot)(n, ctypes.byref(s), 0, w_row.ctypes.data_as(ctypes.c_void_p), 0,
+                                           y_row.ctypes.data_as(ctypes.c_void_p), 0, 1)
+        return s.value

@@ -35,9 +35,8 @@ def _glu(be: Backend, e: Expert, x: np.ndarray) -> np.ndarray:
     """The expert's output for host rows x, computed by `be` in its own memory."""
     n = x.shape[0]
     s = FFNScratch(be, n, H, F)
-    g, u = s.ff(n, F)
     be.wait(e.ready)
-    be.glu(e, be.upload(x, s.xs[:n]), g, u, s.y[:n], Activation.SILU)
+    be.glu(e, be.acts(be.upload(x, s.xs[:n]), be.new_acts(n, H)), s, s.y[:n], Activation.SILU)
     return np.array(be.download(s.y[:n], be.host_view(s.y[:n])))
 
 
@@ -69,7 +68,7 @@ def _moe(be: Backend, cache: ExpertCache, x: np.ndarray, router: np.ndarray, lay
     assert not host
     scratch = FFNScratch(be, T, H, F)
     out = be.empty((T, H))
-    combine(be, here, be.upload(x, be.empty((T, H))), scratch, Activation.SILU, out)
+    combine(be, here, be.acts(be.upload(x, be.empty((T, H))), be.new_acts(T, H)), scratch, Activation.SILU, out)
     return np.array(be.download(out, be.host_view(out))), routing
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from hotcold.convert import convert
 from hotcold.engine.gguf_file import GGUFFile
+from hotcold.engine.config import CacheType
 from hotcold.engine.context import Context
 from hotcold.engine.model import Transformer
 
@@ -24,13 +25,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {a: tiny_models.build(a, root / a) for a in tiny_models.ARCHS}
 
 
-def _load(f: GGUFFile | Path, n_ctx: int) -> tuple[Transformer, Context]:
+def _load(f: GGUFFile | Path, n_ctx: int, cache: CacheType = CacheType.F16) -> tuple[Transformer, Context]:
     m = Transformer.load(f if isinstance(f, GGUFFile) else GGUFFile(f))
-    return m, m.context(n_ctx)
+    return m, m.context(n_ctx, type_k=cache, type_v=cache)
 
 
-def _logits(f: GGUFFile | Path, toks: list[int], n_ctx: int = 128) -> np.ndarray:
-    m, ctx = _load(f, n_ctx)
+def _logits(f: GGUFFile | Path, toks: list[int], n_ctx: int = 128, cache: CacheType = CacheType.F16) -> np.ndarray:
+    m, ctx = _load(f, n_ctx, cache)
     return m.forward(np.array(toks), ctx, all_logits=True)
 
 
@@ -67,7 +68,7 @@ def _mean_kl(ref: np.ndarray, got: np.ndarray) -> float:
 @pytest.mark.parametrize("arch", tiny_models.ARCHS)
 def test_f32_logits_match_transformers(tiny: dict[str, Path], tmp_path: Path, arch: str) -> None:
     ref = _hf_logits(tiny[arch], TOKS)
-    got = _logits(_gguf(tiny[arch], tmp_path / "m.gguf", "f32"), TOKS)
+    got = _logits(_gguf(tiny[arch], tmp_path / "m.gguf", "f32"), TOKS, cache=CacheType.F32)   # exact: no fp16 KV
     assert np.abs(got - ref).max() <= 1e-3
 
 
@@ -76,7 +77,7 @@ def test_a_leading_dense_layer_matches_transformers(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     src = tiny_models.build("qwen2moe", tmp_path / "hf", mlp_only_layers=[0])
     path = _gguf(src, tmp_path / "m.gguf", "f32")
-    m, ctx = _load(path, 128)
+    m, ctx = _load(path, 128, CacheType.F32)
     assert m.cfg.moe_layers == (False, True) and m.blocks[0].ffn is not None and m.blocks[1].ffn_gate_inp is not None
     got = m.forward(np.array(TOKS), ctx, all_logits=True)
     assert np.abs(got - _hf_logits(src, TOKS)).max() <= 1e-3

@@ -13,10 +13,26 @@ def test_lru_evicts_the_least_recently_used() -> None:
     for k in (A, B, C):
         p.insert(k)
     p.use(A, hit=True)                       # B is now the oldest
-    assert p.victim([A, B, C], layer=0) == B
+    assert p.choose([A, B, C], layer=0) == B
     p.use(B, hit=True)
-    assert p.victim([A, B, C], layer=0) == C
+    assert p.choose([A, B, C], layer=0) == C
     assert (p.hits, p.misses) == (2, 0)
+    # the residents' order gives the same victim without a scan, skipping pinned keys
+    assert p.victim([A, B, C], pinned=set(), layer=0) == C
+    assert p.victim([A, B, C], pinned={C}, layer=0) == A
+    p.evicted(A)
+    assert p.victim([B, C], pinned={C}, layer=0) == B
+    assert p.victim([B, C], pinned={B, C}, layer=0) is None
+
+
+def test_every_policy_names_no_pinned_victim() -> None:
+    for kind in CachePolicy:
+        p = make_policy(kind, n_layer=2)
+        for k in (A, B, C):
+            p.insert(k)
+            p.use(k, hit=False)
+        assert p.victim([A, B, C], pinned={A, B, C}, layer=0) is None
+        assert p.victim([A, B, C], pinned={A, B}, layer=0) == C
 
 
 def test_lfu_evicts_the_least_frequently_used_ties_by_recency() -> None:
@@ -26,9 +42,9 @@ def test_lfu_evicts_the_least_frequently_used_ties_by_recency() -> None:
         p.use(k, hit=False)
     p.use(A, hit=True)
     p.use(C, hit=True)                       # counts A=2, B=1, C=2
-    assert p.victim([A, B, C], layer=0) == B
+    assert p.choose([A, B, C], layer=0) == B
     p.use(B, hit=True)                       # all 2: the least recent of them is A
-    assert p.victim([A, B, C], layer=0) == A
+    assert p.choose([A, B, C], layer=0) == A
     assert (p.hits, p.misses) == (3, 3)
 
 
@@ -37,9 +53,9 @@ def test_lifo_evicts_the_most_recently_inserted() -> None:
     for k in (A, B, C):
         p.insert(k)
     p.use(A, hit=True)                       # use does not matter, insertion order does
-    assert p.victim([A, B, C], layer=0) == C
+    assert p.choose([A, B, C], layer=0) == C
     p.evicted(C)
-    assert p.victim([A, B], layer=0) == B
+    assert p.choose([A, B], layer=0) == B
 
 
 def test_hobbit_prefers_keeping_the_next_layers_experts() -> None:
@@ -48,8 +64,8 @@ def test_hobbit_prefers_keeping_the_next_layers_experts() -> None:
     for k in keys:
         p.insert(k)
     # running layer 1: layer 2 runs next, layer 1's own experts are needed last
-    assert p.victim(keys, layer=1) == (1, 0)
-    assert p.victim(keys, layer=3) == (3, 0)
+    assert p.choose(keys, layer=1) == (1, 0)
+    assert p.choose(keys, layer=3) == (3, 0)
 
 
 def test_hobbit_counts_full_precision_use_and_sequence_frequency() -> None:
@@ -57,14 +73,14 @@ def test_hobbit_counts_full_precision_use_and_sequence_frequency() -> None:
     p.insert(A), p.insert(B)
     p.use(A, hit=True, hot=True)
     p.use(B, hit=False, hot=False)
-    assert p.victim([A, B], layer=0) == B
+    assert p.choose([A, B], layer=0) == B
     q = Hobbit(n_layer=1, weights=(0.0, 1.0, 0.0, 0.0))       # sequence frequency alone
     q.insert(A), q.insert(B)
     q.use(A, hit=True), q.use(A, hit=True), q.use(B, hit=True)
-    assert q.victim([A, B], layer=0) == B
+    assert q.choose([A, B], layer=0) == B
     q.new_sequence()                                          # frequency is per sequence
     q.use(B, hit=True)
-    assert q.victim([A, B], layer=0) == A
+    assert q.choose([A, B], layer=0) == A
 
 
 def test_make_policy_by_name_and_errors() -> None:

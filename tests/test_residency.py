@@ -241,6 +241,23 @@ def test_cache_invariants_under_random_accesses(accesses: list, slots: int, poli
     assert total["hits"] == c.policy.hits or miss == "adaptive"
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.lists(st.integers(0, 5), min_size=1, max_size=3, unique=True)),
+                min_size=1, max_size=40),
+       st.integers(0, 8), st.sampled_from(["lru", "lfu", "lifo", "hobbit"]), st.sampled_from(["hot", "cold", "adaptive"]))
+def test_the_decode_path_decides_as_the_batch_path(accesses: list, slots: int, policy: str, miss: str) -> None:
+    """prepare() takes a pure-Python path for one token; it must decide exactly as the numpy path does."""
+    size = slots * _experts(1, 1, QType.F32)[0][0].nbytes
+    fast, ref = (_cache(size, miss=miss, policy=policy, n_layer=3, n_expert=6) for _ in range(2))
+    for layer, ids in accesses:
+        w = np.random.default_rng(len(ids)).random((1, len(ids))).astype(np.float32)
+        a, b = fast.prepare(layer, _routing([ids], w.tolist())), ref._prepare_batch(layer, _routing([ids], w.tolist()))
+        assert sorted(a.experts) == sorted(b.experts) and np.array_equal(a.weights, b.weights)
+        assert all(a.experts[e].gate.raw.shape == b.experts[e].gate.raw.shape for e in a.experts)
+        assert set(fast.arena.slot_of) == set(ref.arena.slot_of)
+    assert fast.report() == ref.report()
+
+
 # --- the whole engine ----------------------------------------------------------------------------------
 
 PROMPT = "The :mod:`pkgutil` module provides utilities for the import system, in particular package support."

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from hotcold.quant import QType, cuda as qcuda, dequantize_rows
+from hotcold.quant import QType, cuda as qcuda, dequantize_rows, int8
 
 from ..backend import Backend, CpuBackend
+from ..config import CacheType
 from ..experts.cache import ExpertCache
 from ..experts.expert import Expert, Ready
 from ..experts.rules import Budget, Placement
@@ -36,6 +37,35 @@ if TYPE_CHECKING:
     from ..options import Options
 
 DENSE = "dense weights"
+
+
+class CudaActs:
+    """A matrix input on the device and, made on first use, its Q8_0 / Q8_K round trips: what the CPU's integer
+    kernels compute with, so that matrices of those types read the same values on both devices."""
+
+    def __init__(self, gpu: Gpu, n_rows: int, n: int) -> None:
+        self.rt = {QType.Q8_0: gpu.empty((n_rows, n), np.float32, "activations")}
+        if n % 256 == 0:
+            self.rt[QType.Q8_K] = gpu.empty((n_rows, n), np.float32, "activations")
+        self.x: Any = None
+        self.made: set[QType] = set()
+
+    def bind(self, x: Any) -> "CudaActs":
+        self.x = x
+        self.made.clear()
+        return self
+
+    def input_for(self, qtype: QType, stream: Any) -> Any:
+        """The values a matrix of `qtype` reads."""
+        kernel = int8.KERNELS.get(qtype)
+        if kernel is None:
+            return self.x
+        fmt = kernel[0]
+        out = self.rt[fmt][:self.x.shape[0]]
+        if fmt not in self.made:
+            ck.q8_roundtrip(self.x, out, 256 if fmt == QType.Q8_K else 32, stream)
+            self.made.add(fmt)
+        return out
 
 
 @dataclass(frozen=True)
@@ -76,8 +106,17 @@ class CudaBackend(Backend):
     def place_array(self, a: np.ndarray, what: str) -> Any:
         return self.gpu.upload_array(a, what)
 
-    def attention_scratch(self, n_ctx: int) -> Any:
+    def attention_scratch(self, n_ctx: int, head_dim: int) -> Any:
         return None
+
+    def kv_array(self, shape: tuple[int, ...], kind: CacheType) -> Any:
+        return self.gpu.empty(shape, np.float32, "KV cache")   # an F16 cache holds fp16 values in float32
+
+    def new_acts(self, n_rows: int, n: int) -> CudaActs:
+        return CudaActs(self.gpu, n_rows, n)
+
+    def acts(self, x: Any, a: CudaActs) -> CudaActs:
+        return a.bind(x)
 
     def moe_state(self, n_rows: int) -> MoEState:
         return MoEState(self.gpu.empty(n_rows, np.int64, "activations"), self.gpu.empty(n_rows, np.float32, "activations"),
@@ -105,6 +144,8 @@ class CudaBackend(Backend):
         out.copy_to_device(host, stream=self.stream)
 
     def matmul(self, w: CudaMatrix, x: Any, out: Any) -> None:
+        if isinstance(x, CudaActs):
+            x = x.input_for(w.qtype, self.stream)
         if x.shape[0] == 1:
             qcuda.matvec(w.dev, w.qtype, x[0], out[0], self.stream)
         else:
@@ -117,8 +158,13 @@ class CudaBackend(Backend):
     def rope(self, x: Any, pos: Any, cos: Any, sin: Any, neox: bool) -> None:
         ck.rope(x, pos, cos, sin, neox, self.stream)
 
-    def attention(self, q: Any, k: Any, v: Any, p0: int, out: Any, scratch: Any) -> None:
-        ck.attention(q, k, v, p0, out, self.stream)
+    def store_kv(self, kv: Any, layer: int, p0: int, k: Any, v: Any) -> None:
+        T = k.shape[0]
+        ck.store_kv(k, kv.k[layer, p0:p0 + T], kv.type_k is CacheType.F16, self.stream)
+        ck.store_kv(v, kv.v[layer, p0:p0 + T], kv.type_v is CacheType.F16, self.stream)
+
+    def attention(self, q: Any, kv: Any, layer: int, p0: int, out: Any, scratch: Any) -> None:
+        ck.attention(q, kv.k[layer], kv.v[layer], p0, out, kv.type_k is CacheType.F16, self.stream)
 
     def add(self, x: Any, y: Any) -> None:
         ck.add(x, y, self.stream)
@@ -132,11 +178,12 @@ class CudaBackend(Backend):
     def zero(self, x: Any) -> None:
         ck.zero(x, self.stream)
 
-    def gather(self, x: Any, rows: Any, out: Any) -> Any:
-        if x.shape[0] == 1:                                                  # decode: the one row as is
+    def gather(self, x: CudaActs, rows: Any, scratch: Any) -> CudaActs:
+        if x.x.shape[0] == 1:                                                # decode: the one row as is
             return x
-        ck.gather(x, rows, out, self.stream)
-        return out
+        xs = scratch.xs[:rows.shape[0]]
+        ck.gather(x.x, rows, xs, self.stream)
+        return scratch.xs_acts.bind(xs)
 
     def scatter_add(self, out: Any, rows: Any, w: Any, y: Any) -> None:
         ck.scatter_add(out, rows, w, y, self.stream)

@@ -35,19 +35,16 @@ def calibrate(be: "CudaBackend", arena: CudaArena, cold: Expert, s: "RunState", 
     n = max(1, min(n, s.ffn.xs.shape[0]))
     x = np.random.default_rng(0).standard_normal((n, s.ffn.xs.shape[1])).astype(np.float32)
     s.ffn.xs[:n].copy_to_device(x, stream=be.stream)
-    n_ff = cold.gate.rows
 
     def gpu(m: int) -> None:
         arena.begin()
         e = arena.stage(cold)
         be.wait(e.ready)
-        g, u = s.ffn.ff(m, n_ff)
-        be.glu(e, s.ffn.xs[:m], g, u, s.ffn.y[:m], Activation.SILU)
+        be.glu(e, be.acts(s.ffn.xs[:m], s.h_acts), s.ffn, s.ffn.y[:m], Activation.SILU)
         be.stream.synchronize()
 
     def cpu(m: int) -> None:
-        g, u = s.host_ffn.ff(m, n_ff)
-        be.host.glu(cold, x[:m], g, u, s.host_ffn.y[:m], Activation.SILU)
+        be.host.glu(cold, be.host.acts(x[:m], s.host_h_acts), s.host_ffn, s.host_ffn.y[:m], Activation.SILU)
 
     cost = MissCost(n, (_best(lambda: gpu(1), reps), _best(lambda: gpu(n), reps)),
                     (_best(lambda: cpu(1), reps), _best(lambda: cpu(n), reps)))

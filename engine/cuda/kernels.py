@@ -31,6 +31,23 @@ def _jit(f: Any) -> Any:
     return cuda.jit(f) if cuda is not None else f
 
 
+def _device(f: Any) -> Any:
+    return cuda.jit(device=True)(f) if cuda is not None else f
+
+
+@_device
+def _f16_round(v):  # the value of fp16(v) for 0 <= v < 65504, round to nearest even
+    if v < F32(6.103515625e-05):                             # fp16 subnormals: steps of 2^-24
+        return F32(round(v * F32(16777216.0))) / F32(16777216.0)
+    m, e = math.frexp(v)
+    return F32(math.ldexp(F32(round(m * F32(2048.0))) / F32(2048.0), e))
+
+
+@_device
+def _f16_value(v):  # the value of fp16(v), any sign
+    return _f16_round(v) if v >= F32(0) else -_f16_round(-v)
+
+
 @_jit
 def _rms_norm(x, w, eps, out):  # one block per row: out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w
     t = cuda.blockIdx.x
@@ -120,6 +137,66 @@ def _attention(q, k, v, p0, out):
 
 
 @_jit
+def _attention_f16(q, k, v, p0, out):
+    """_attention with llama.cpp's fp16 roundings (engine/kernels.attention_f16): k and v hold fp16 values, q is
+    rounded to fp16 before q.k, each probability before it weights V. Two passes over the keys: the max and
+    the sum first (so that each probability is known before it is rounded), then the weighted sum of V."""
+    nh, d = q.shape[1], q.shape[2]
+    task = cuda.blockIdx.x
+    t, h = task // nh, task % nh
+    kv = h // (nh // k.shape[1])
+    lane = cuda.threadIdx.x
+    n = p0 + t + 1
+    scale = F32(1) / math.sqrt(F32(d))
+    acc = cuda.shared.array((32, MAX_HEAD_DIM), np.float32)
+    ms = cuda.shared.array(32, np.float32)
+    ss = cuda.shared.array(32, np.float32)
+    m = F32(-np.inf)
+    s = F32(0)
+    for j in range(lane, n, 32):
+        z = F32(0)
+        for i in range(d):
+            z += _f16_value(q[t, h, i]) * k[j, kv, i]
+        z *= scale
+        m_new = max(m, z)
+        s = s * math.exp(m - m_new) + math.exp(z - m_new)
+        m = m_new
+    ms[lane] = m
+    ss[lane] = s
+    cuda.syncthreads()
+    mx = ms[0]
+    for l in range(1, 32):
+        mx = max(mx, ms[l])
+    total = F32(0)
+    for l in range(32):
+        if ss[l] > 0:
+            total += ss[l] * math.exp(ms[l] - mx)
+    inv = F32(1) / total
+    for i in range(d):
+        acc[lane, i] = F32(0)
+    for j in range(lane, n, 32):
+        z = F32(0)
+        for i in range(d):
+            z += _f16_value(q[t, h, i]) * k[j, kv, i]
+        p = _f16_value(math.exp(z * scale - mx) * inv)
+        for i in range(d):
+            acc[lane, i] += p * v[j, kv, i]
+    cuda.syncthreads()
+    for i in range(lane, d, 32):
+        o = F32(0)
+        for l in range(32):
+            o += acc[l, i]
+        out[t, h * d + i] = o
+
+
+@_jit
+def _store_kv(src, dst, f16):  # dst = src over flat views, rounded to fp16 values for an F16 cache
+    i = cuda.grid(1)
+    if i < src.shape[0]:
+        dst[i] = _f16_value(src[i]) if f16 else src[i]
+
+
+@_jit
 def _silu_mul(g, u):  # g = silu(g) * u elementwise, over flat views
     i = cuda.grid(1)
     if i < g.shape[0]:
@@ -189,11 +266,18 @@ def rope(x: Any, pos: Any, cos: Any, sin: Any, neox: bool, stream: Any) -> None:
     _rope[_blocks(n), THREADS, stream](x, pos, cos, sin, neox)
 
 
-def attention(q: Any, k: Any, v: Any, p0: int, out: Any, stream: Any) -> None:
-    """Causal GQA: q (T, n_head, d) at positions p0.., k/v (n_ctx, n_head_kv, d) filled to p0 + T; out (T, n_head*d)."""
+def attention(q: Any, k: Any, v: Any, p0: int, out: Any, f16: bool, stream: Any) -> None:
+    """Causal GQA: q (T, n_head, d) at positions p0.., k/v (n_ctx, n_head_kv, d) filled to p0 + T; out (T, n_head*d);
+    `f16`: the cache holds fp16 values and the attention rounds as llama.cpp's does."""
     if q.shape[2] > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {q.shape[2]} exceeds the GPU attention kernel's {MAX_HEAD_DIM}")
-    _attention[q.shape[0] * q.shape[1], 32, stream](q, k, v, p0, out)
+    (_attention_f16 if f16 else _attention)[q.shape[0] * q.shape[1], 32, stream](q, k, v, p0, out)
+
+
+def store_kv(src: Any, dst: Any, f16: bool, stream: Any) -> None:
+    """dst (T, n) = src (T, n), rounded to fp16 values when `f16`."""
+    n = src.size
+    _store_kv[_blocks(n), THREADS, stream](src.reshape(n), dst.reshape(n), f16)
 
 
 def silu_mul(g: Any, u: Any, stream: Any) -> None:
@@ -231,3 +315,49 @@ def zero(x: Any, stream: Any) -> None:
     """x = 0 for a contiguous device array."""
     n = x.size
     _fill[_blocks(n), THREADS, stream](x.reshape(n), np.float32(0))
+
+
+# ---- activations as the CPU's integer kernels see them (hotcold.quant.int8) ----
+# A matrix whose type the CPU computes in integers reads its input quantized to Q8_0 or Q8_K; on the GPU the
+# input goes through the same quantization and back to float once per input, so that both devices compute
+# the same products (as llama.cpp's CUDA kernels quantize activations to Q8_1).
+
+@_jit
+def _q8_0_roundtrip(x, out):  # one thread per 32 values of the flat x: ggml-cpu's x86 quantize_row_q8_0
+    b = cuda.grid(1)
+    if b < x.shape[0] // 32:
+        amax = F32(0)
+        for j in range(32):
+            amax = max(amax, abs(x[32 * b + j]))
+        idv = F32(127.0) / amax if amax != F32(0) else F32(0)
+        d = _f16_round(amax / F32(127.0))
+        for j in range(32):
+            out[32 * b + j] = F32(round(x[32 * b + j] * idv)) * d
+
+
+@_jit
+def _q8_k_roundtrip(x, out):  # one thread per 256 values: quantize_row_q8_K
+    b = cuda.grid(1)
+    if b < x.shape[0] // 256:
+        vmax = F32(0)
+        amax = F32(0)
+        for j in range(256):
+            ax = abs(x[256 * b + j])
+            if ax > amax:
+                amax = ax
+                vmax = x[256 * b + j]
+        if amax == F32(0):
+            for j in range(256):
+                out[256 * b + j] = F32(0)
+        else:
+            iscale = F32(-127.0) / vmax
+            d = F32(1.0) / iscale
+            for j in range(256):
+                out[256 * b + j] = F32(min(127, round(iscale * x[256 * b + j]))) * d
+
+
+def q8_roundtrip(x: Any, out: Any, block: int, stream: Any) -> None:
+    """out = x quantized to Q8_0 (block 32) or Q8_K (block 256) and back, for contiguous device arrays."""
+    n = x.size // block
+    kernel = _q8_0_roundtrip if block == 32 else _q8_k_roundtrip
+    kernel[_blocks(n), THREADS, stream](x.reshape(x.size), out.reshape(out.size))

@@ -71,6 +71,11 @@ class ExpertCache:
         return SelectionBias(logit, prob)
 
     def prepare(self, layer: int, routing: Routing) -> Plan:
+        if routing.experts.shape[0] == 1:
+            return self._prepare_token(layer, routing)
+        return self._prepare_batch(layer, routing)
+
+    def _prepare_batch(self, layer: int, routing: Routing) -> Plan:
         st, ids = self.stats[layer], routing.experts                         # ids (T, k)
         self.arena.begin()
         st.tokens += ids.shape[0]
@@ -103,6 +108,51 @@ class ExpertCache:
                 st.cold += n_cold
         return Plan(experts, weights)
 
+    def _prepare_token(self, layer: int, routing: Routing) -> Plan:
+        """`prepare` for one token (decode), the same decisions in plain Python: its k experts are distinct,
+        so each is one (token, slot) selection, and a handful of them costs less than numpy calls."""
+        st, ids, w = self.stats[layer], routing.experts[0].tolist(), routing.weights
+        self.arena.begin()
+        st.tokens += 1
+        act = self.activations[layer]
+        for e in ids:
+            act[e] += 1
+        if self._predicted[layer] is not None:
+            self._score_prediction(layer, routing.experts)
+        resident = self.arena.slot_of
+        hit = [(layer, e) in resident for e in ids]
+        tiers = [Tier.HOT] * len(ids) if self.opt.miss == MissMode.HOT else self._tiers(w)[0].tolist()
+        n_hit = sum(hit)
+        st.hits += n_hit
+        st.misses += len(ids) - n_hit
+        skipped = 0
+        for j, h in enumerate(hit):
+            if h:
+                tiers[j] = Tier.HOT
+            elif tiers[j] == Tier.SKIP:
+                skipped += 1
+        st.skipped += skipped
+        weights = np.where(np.array([tiers]) == Tier.SKIP, np.float32(0), w).astype(np.float32) if skipped else w
+        pinned = {(layer, e) for e, h in zip(ids, hit) if h}
+        experts: dict[int, Expert] = {}
+        for e, tier in sorted(zip(ids, tiers)):
+            if tier == Tier.SKIP:
+                continue
+            key = (layer, e)
+            if key in resident:
+                self.policy.use(key, hit=True)
+                experts[e] = self.arena.experts[key]
+            elif tier == Tier.HOT or self.arena.free:                        # a free slot costs no eviction
+                self.policy.use(key, hit=False)
+                experts[e] = self._load(key, pinned) or self._stream(layer, e)
+                pinned.add(key)
+            else:
+                self.policy.use(key, hit=False, hot=False)
+                experts[e] = self._cold(layer, e, 1)
+                st.bytes_moved += experts[e].nbytes
+                st.cold += 1
+        return Plan(experts, weights)
+
     def prefetch(self, layer: int, experts: np.ndarray) -> None:
         """Queue the hot copies of the experts predicted for `layer` ahead of it (never evicting each other)."""
         predicted = {int(e) for e in np.unique(experts)}
@@ -127,10 +177,9 @@ class ExpertCache:
     def _load(self, key: Key, pinned: set[Key]) -> Expert | None:
         """Bring `key`'s hot copy into the arena, evicting an unpinned resident if full; None if nothing can go."""
         if not self.arena.free:
-            candidates = [k for k in self.arena.slot_of if k not in pinned]
-            if not candidates:
+            victim = self.policy.victim(self.arena.slot_of, pinned, key[0])
+            if victim is None:
                 return None
-            victim = self.policy.victim(candidates, key[0])
             self.arena.drop(victim)
             self.policy.evicted(victim)
         src = self.hot[key[0]][key[1]]

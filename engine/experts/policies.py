@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections import defaultdict
-from typing import ClassVar, Iterable
+from collections import OrderedDict, defaultdict
+from typing import ClassVar, Container, Iterable
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -51,9 +51,14 @@ class EvictionPolicy(ABC):
     def new_sequence(self) -> None:
         """A new prompt starts (the context was cleared)."""
 
+    def victim(self, resident: Iterable[Key], pinned: Container[Key], layer: int) -> Key | None:
+        """The resident expert to evict while `layer` runs, never a pinned one; None if all are pinned."""
+        candidates = [k for k in resident if k not in pinned]
+        return self.choose(candidates, layer) if candidates else None
+
     @abstractmethod
-    def victim(self, candidates: Iterable[Key], layer: int) -> Key:
-        """The resident expert to evict, among `candidates` (never empty), while `layer` runs."""
+    def choose(self, candidates: Iterable[Key], layer: int) -> Key:
+        """The rule: which of `candidates` (never empty) to evict."""
 
     def _on_use(self, key: Key, hot: bool) -> None:
         pass
@@ -63,20 +68,32 @@ class EvictionPolicy(ABC):
 
 
 class LRU(EvictionPolicy):
-    """Evict the expert whose last use (or insertion) is oldest."""
+    """Evict the expert whose last use (or insertion) is oldest. Residents are kept in that order (an ordered
+    dict moved on every use), so the victim is the first unpinned one: no scan over all slots."""
     kind = CachePolicy.LRU
 
     def __init__(self, n_layer: int) -> None:
         super().__init__(n_layer)
         self.last: dict[Key, int] = {}
+        self.order: OrderedDict[Key, None] = OrderedDict()  # residents, least recently used first
 
     def _on_use(self, key: Key, hot: bool) -> None:
         self.last[key] = self.clock
+        if key in self.order:
+            self.order.move_to_end(key)
 
     def _on_insert(self, key: Key) -> None:
         self.last[key] = self.clock
+        self.order[key] = None
+        self.order.move_to_end(key)
 
-    def victim(self, candidates: Iterable[Key], layer: int) -> Key:
+    def evicted(self, key: Key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, resident: Iterable[Key], pinned: Container[Key], layer: int) -> Key | None:
+        return next((k for k in self.order if k not in pinned), None)
+
+    def choose(self, candidates: Iterable[Key], layer: int) -> Key:
         return min(candidates, key=lambda k: self.last.get(k, 0))
 
 
@@ -97,7 +114,7 @@ class LFU(EvictionPolicy):
     def _on_insert(self, key: Key) -> None:
         self.last.setdefault(key, self.clock)
 
-    def victim(self, candidates: Iterable[Key], layer: int) -> Key:
+    def choose(self, candidates: Iterable[Key], layer: int) -> Key:
         return min(candidates, key=lambda k: (self.count[k], self.last.get(k, 0)))
 
 
@@ -116,7 +133,7 @@ class LIFO(EvictionPolicy):
     def evicted(self, key: Key) -> None:
         self.inserted.pop(key, None)
 
-    def victim(self, candidates: Iterable[Key], layer: int) -> Key:
+    def choose(self, candidates: Iterable[Key], layer: int) -> Key:
         return max(candidates, key=lambda k: self.inserted.get(k, 0))
 
 
@@ -154,7 +171,7 @@ class Hobbit(EvictionPolicy):
         close = 1.0 - distance / max(self.n_layer, 1)
         return wr * recency + wf * freq + wh * hot + wd * close
 
-    def victim(self, candidates: Iterable[Key], layer: int) -> Key:
+    def choose(self, candidates: Iterable[Key], layer: int) -> Key:
         cands = list(candidates)
         max_seq = max(self.seq_count[k] for k in cands)
         max_hot = max(self.hot_count[k] for k in cands)

@@ -1,0 +1,227 @@
+"""Integer SIMD steps for the quantized dot products, as Numba intrinsics that emit LLVM vector IR.
+
+Accumulators are small stack arrays (kernels._stack) that LLVM keeps in vector registers: 8 int32 or 8 float32
+lanes at an element offset. Each step is what ggml-cpu's x86 vec_dot kernels do with intrinsics (arch/x86/quants.c):
+`_mm256_maddubs_epi16` (unsigned x signed bytes, pairs summed to int16) then `_mm256_madd_epi16` with a
+sub-block scale, or `_mm256_dpbusd_epi32` where AVX512-VNNI has it. Which instructions are used is decided
+for the host CPU when a kernel compiles: VNNI (AVX512-VNNI with VL, or AVX-VNNI), else AVX2; without AVX2
+there are no integer kernels (`AVAILABLE` is False) and the float kernels serve every type.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_FEATURES = llvm.get_host_cpu_features()
+AVX2 = bool(_FEATURES.get("avx2"))
+VNNI = AVX2 and bool((_FEATURES.get("avx512vnni") and _FEATURES.get("avx512vl")) or _FEATURES.get("avxvnni"))
+AVAILABLE = AVX2
+
+_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_B32 = ir.VectorType(_I8, 32)    # 32 bytes
+_B16 = ir.VectorType(_I8, 16)
+_W16 = ir.VectorType(_I16, 16)   # 16 int16
+_D8 = ir.VectorType(_I32, 8)     # 8 int32
+_F8 = ir.VectorType(_F32, 8)     # 8 float32
+
+
+def _ptr(context: Any, builder: ir.IRBuilder, aryty: types.Array, ary: Any, off: Any, vty: ir.Type) -> Any:
+    """A pointer to a `vty` at element `off` of array `ary`."""
+    a = context.make_array(aryty)(context, builder, ary)
+    return builder.bitcast(builder.gep(a.data, [off]), vty.as_pointer())
+
+
+def _fn(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Type]) -> Any:
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _int(builder: ir.IRBuilder, v: Any, ty: ir.IntType) -> Any:
+    if v.type.width > ty.width:
+        return builder.trunc(v, ty)
+    return builder.zext(v, ty) if v.type.width < ty.width else v
+
+
+def _splat(builder: ir.IRBuilder, vty: ir.VectorType, v: Any) -> Any:
+    x = builder.insert_element(ir.Constant(vty, ir.Undefined), v, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(x, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_I32, vty.count),
+                                                                                [0] * vty.count))
+
+
+def _maddubs(builder: ir.IRBuilder, u: Any, s: Any) -> Any:
+    """16 int16: u[2i]*s[2i] + u[2i+1]*s[2i+1] for unsigned bytes u, signed bytes s (saturating; the callers'
+    operands never reach it)."""
+    return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _W16, [_B32, _B32]), [u, s])
+
+
+def _madd_acc(builder: ir.IRBuilder, acc: Any, p16: Any, scale16: Any) -> Any:
+    """acc (8 int32) + pairwise sums of p16 * scale16 (int16 x int16)."""
+    if VNNI:
+        return builder.call(_fn(builder, "llvm.x86.avx512.vpdpwssd.256", _D8, [_D8, _D8, _D8]),
+                            [acc, builder.bitcast(p16, _D8), builder.bitcast(scale16, _D8)])
+    return builder.add(acc, builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", _D8, [_W16, _W16]), [p16, scale16]))
+
+
+def _dot_u8s8(builder: ir.IRBuilder, acc: Any, u: Any, s: Any) -> Any:
+    """acc (8 int32) + sums of four u*s products (unsigned x signed bytes)."""
+    if VNNI:
+        return builder.call(_fn(builder, "llvm.x86.avx512.vpdpbusd.256", _D8, [_D8, _D8, _D8]),
+                            [acc, builder.bitcast(u, _D8), builder.bitcast(s, _D8)])
+    return _madd_acc(builder, acc, _maddubs(builder, u, s), ir.Constant(_W16, [1] * 16))
+
+
+def _load(context: Any, builder: ir.IRBuilder, sig: Any, args: Any, i: int, vty: ir.Type, align: int = 1) -> Any:
+    """Load a `vty` from array argument i at the element offset in argument i + 1."""
+    return builder.load(_ptr(context, builder, sig.args[i], args[i], args[i + 1], vty), align=align)
+
+
+def _acc(context: Any, builder: ir.IRBuilder, sig: Any, args: Any, vty: ir.Type) -> Any:
+    """Pointer to the accumulator (argument 0) at the element offset in argument 1."""
+    return _ptr(context, builder, sig.args[0], args[0], args[1], vty)
+
+
+@intrinsic
+def madd_u4(typingctx: Any, acc: Any, ao: Any, w: Any, wo: Any, shift: Any, q: Any, qo: Any, scale: Any) -> Any:
+    """acc[ao:ao+8] += scale * the 32 products ((w[wo:wo+32] >> shift) & 15) x q[qo:qo+32], pairs summed:
+    one 32-weight sub-block of 4-bit quants (Q4_K) against Q8 activations."""
+    sig = types.void(acc, ao, w, wo, shift, q, qo, scale)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        pa = _acc(context, builder, sig, args, _D8)
+        wv = _load(context, builder, sig, args, 2, _B32)
+        nib = builder.and_(builder.lshr(wv, _splat(builder, _B32, _int(builder, args[4], _I8))),
+                           ir.Constant(_B32, [15] * 32))
+        p16 = _maddubs(builder, nib, _load(context, builder, sig, args, 5, _B32))
+        r = _madd_acc(builder, builder.load(pa, align=4), p16, _splat(builder, _W16, _int(builder, args[7], _I16)))
+        builder.store(r, pa, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def madd_u5(typingctx: Any, acc: Any, ao: Any, w: Any, wo: Any, shift: Any, h: Any, ho: Any, hshift: Any, q: Any,
+            qo: Any, scale: Any) -> Any:
+    """As madd_u4 for 5-bit quants (Q5_K): the nibble ((w >> shift) & 15) plus bit `hshift` of
+    h[ho:ho+32] as its fifth bit."""
+    sig = types.void(acc, ao, w, wo, shift, h, ho, hshift, q, qo, scale)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        pa = _acc(context, builder, sig, args, _D8)
+        wv = _load(context, builder, sig, args, 2, _B32)
+        hv = _load(context, builder, sig, args, 5, _B32)
+        nib = builder.and_(builder.lshr(wv, _splat(builder, _B32, _int(builder, args[4], _I8))),
+                           ir.Constant(_B32, [15] * 32))
+        hb = builder.and_(builder.lshr(hv, _splat(builder, _B32, _int(builder, args[7], _I8))),
+                          ir.Constant(_B32, [1] * 32))
+        v = builder.or_(nib, builder.shl(hb, ir.Constant(_B32, [4] * 32)))
+        p16 = _maddubs(builder, v, _load(context, builder, sig, args, 8, _B32))
+        r = _madd_acc(builder, builder.load(pa, align=4), p16, _splat(builder, _W16, _int(builder, args[10], _I16)))
+        builder.store(r, pa, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def madd_u6(typingctx: Any, acc: Any, ao: Any, lo: Any, loo: Any, shift: Any, hi: Any, hio: Any, hshift: Any, q: Any,
+            qo: Any, scale_a: Any, scale_b: Any) -> Any:
+    """Q6_K: acc[ao:ao+8] += the 32 products of 6-bit quants ((lo >> shift) & 15) | (((hi >> hshift) & 3) << 4)
+    with q[qo:qo+32], the first 16 weighted by scale_a and the last 16 by scale_b (two 16-weight sub-blocks)."""
+    sig = types.void(acc, ao, lo, loo, shift, hi, hio, hshift, q, qo, scale_a, scale_b)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        pa = _acc(context, builder, sig, args, _D8)
+        lv = _load(context, builder, sig, args, 2, _B32)
+        hv = _load(context, builder, sig, args, 5, _B32)
+        low = builder.and_(builder.lshr(lv, _splat(builder, _B32, _int(builder, args[4], _I8))),
+                           ir.Constant(_B32, [15] * 32))
+        high = builder.and_(builder.lshr(hv, _splat(builder, _B32, _int(builder, args[7], _I8))),
+                            ir.Constant(_B32, [3] * 32))
+        v = builder.or_(low, builder.shl(high, ir.Constant(_B32, [4] * 32)))
+        p16 = _maddubs(builder, v, _load(context, builder, sig, args, 8, _B32))
+        sa = _splat(builder, _W16, _int(builder, args[10], _I16))
+        sb = _splat(builder, _W16, _int(builder, args[11], _I16))
+        scale = builder.shuffle_vector(sa, sb, ir.Constant(ir.VectorType(_I32, 16), list(range(8)) + list(range(24, 32))))
+        builder.store(_madd_acc(builder, builder.load(pa, align=4), p16, scale), pa, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def dot_s8(typingctx: Any, acc: Any, ao: Any, w: Any, wo: Any, q: Any, qo: Any) -> Any:
+    """acc[ao:ao+8] += the 32 products (w[wo:wo+32] + 128) x q[qo:qo+32] for signed bytes w (Q8_0): the
+    caller subtracts 128 * sum(q)."""
+    sig = types.void(acc, ao, w, wo, q, qo)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        pa = _acc(context, builder, sig, args, _D8)
+        wv = builder.xor(_load(context, builder, sig, args, 2, _B32), ir.Constant(_B32, [0x80] * 32))
+        qv = _load(context, builder, sig, args, 4, _B32)
+        builder.store(_dot_u8s8(builder, builder.load(pa, align=4), wv, qv), pa, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def dot_u4x16(typingctx: Any, acc: Any, ao: Any, w: Any, wo: Any, q: Any, qo: Any) -> Any:
+    """acc[ao:ao+8] += the 32 products of the nibbles of w[wo:wo+16] (low nibbles are weights 0..15, high
+    16..31: Q4_0's block) with q[qo:qo+32]; the caller subtracts 8 * sum(q)."""
+    sig = types.void(acc, ao, w, wo, q, qo)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        pa = _acc(context, builder, sig, args, _D8)
+        wv = _load(context, builder, sig, args, 2, _B16)
+        m = ir.Constant(_B16, [15] * 16)
+        lo = builder.and_(wv, m)
+        hi = builder.and_(builder.lshr(wv, ir.Constant(_B16, [4] * 16)), m)
+        nib = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+        qv = _load(context, builder, sig, args, 4, _B32)
+        builder.store(_dot_u8s8(builder, builder.load(pa, align=4), nib, qv), pa, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def mul_u8x8(typingctx: Any, acc: Any, ao: Any, m: Any, b: Any, bo: Any) -> Any:
+    """acc[ao:ao+8] += the 8 bytes of the uint64 m (zero-extended) times the int32 b[bo:bo+8] (Q4_K's mins
+    against the activations' sums per sub-block)."""
+    sig = types.void(acc, ao, m, b, bo)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        pa = _acc(context, builder, sig, args, _D8)
+        mv = builder.zext(builder.bitcast(_int(builder, args[2], _I64), ir.VectorType(_I8, 8)), _D8)
+        bv = _load(context, builder, sig, args, 3, _D8, align=4)
+        builder.store(builder.add(builder.load(pa, align=4), builder.mul(mv, bv)), pa, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def fma_reset(typingctx: Any, accf: Any, fo: Any, acc: Any, ao: Any, d: Any) -> Any:
+    """accf[fo:fo+8] += float(acc[ao:ao+8]) * d, then acc[ao:ao+8] = 0 (a block's integer sums, scaled)."""
+    sig = types.void(accf, fo, acc, ao, d)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        pf = _ptr(context, builder, sig.args[0], args[0], args[1], _F8)
+        pi = _ptr(context, builder, sig.args[2], args[2], args[3], _D8)
+        fv = builder.sitofp(builder.load(pi, align=4), _F8)
+        dv = _splat(builder, _F8, builder.fptrunc(args[4], _F32) if args[4].type != _F32 else args[4])
+        r = builder.fadd(builder.load(pf, align=4), builder.fmul(fv, dv, flags=("contract",)), flags=("contract",))
+        builder.store(r, pf, align=4)
+        builder.store(ir.Constant(_D8, [0] * 8), pi, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def hsum(typingctx: Any, accf: Any, fo: Any) -> Any:
+    """The sum of accf[fo:fo+8] (float32)."""
+    sig = types.float32(accf, fo)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        v = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _F8), align=4)
+        return builder.call(_fn(builder, "llvm.vector.reduce.fadd.v8f32", _F32, [_F32, _F8]), [ir.Constant(_F32, 0.0), v])
+    return sig, codegen

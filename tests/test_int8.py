@@ -1,0 +1,108 @@
+"""The integer kernels (quant/int8.py): llama.cpp's activation quantizers and dot products, on this machine."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hotcold.quant import QType, dequantize, int8, quantize, simd
+
+pytestmark = pytest.mark.skipif(not simd.AVAILABLE, reason="no AVX2: the float kernels serve every type")
+
+TYPES = sorted(int8.KERNELS, key=lambda t: t.name)
+
+
+def _acts(x: np.ndarray, fmt: QType) -> int8.Acts:
+    a = int8.Acts(x.shape[0], x.shape[1]).bind(x)
+    a.need(fmt)
+    return a
+
+
+def _dequant_acts(a: int8.Acts, fmt: QType) -> np.ndarray:
+    """The float64 values the integer kernels compute with."""
+    T = a.rows
+    if fmt == QType.Q8_K:
+        return (a.q8k[:T].reshape(T, -1, 256).astype(np.float64) * a.q8k_d[:T, :, None]).reshape(T, -1)
+    return (a.q80[:T].reshape(T, -1, 32).astype(np.float64) * a.q80_d[:T, :, None]).reshape(T, -1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(TYPES), st.integers(1, 9), st.integers(1, 11), st.integers(1, 3), st.integers(0, 2**31))
+def test_products_equal_the_quantized_operands_product(t: QType, rows: int, T: int, blocks: int, seed: int) -> None:
+    """Every shape, tiles with remainders included: the integer product is that of the two quantized operands."""
+    rng = np.random.default_rng(seed)
+    n = 256 * blocks
+    raw = quantize(rng.standard_normal((rows, n)).astype(np.float32), t)
+    x = (rng.standard_normal((T, n)) * rng.uniform(0.1, 10)).astype(np.float32)
+    out = np.full((T, rows), np.nan, np.float32)
+    a = int8.Acts(T, n).bind(x)
+    int8.product(raw, t, a, out)
+    ref = _dequant_acts(a, int8.KERNELS[t][0]) @ dequantize(raw, t).astype(np.float64).T
+    assert np.abs(out - ref).max() <= 2e-6 * np.abs(ref).max() * np.sqrt(blocks)
+
+
+def test_zero_blocks_quantize_to_zero() -> None:
+    x = np.zeros((2, 512), np.float32)
+    x[1, 300] = 3.0
+    for fmt in (QType.Q8_K, QType.Q8_0):
+        assert np.array_equal(_dequant_acts(_acts(x, fmt), fmt)[0], np.zeros(512))
+    assert _dequant_acts(_acts(x, QType.Q8_K), QType.Q8_K)[1, 300] == pytest.approx(3.0, rel=1e-6)
+
+
+def test_acts_are_quantized_once_per_binding() -> None:
+    x = np.ones((1, 256), np.float32)
+    a = _acts(x, QType.Q8_K)
+    x[:] = 2                                       # the binding keeps what it quantized until bound again
+    a.need(QType.Q8_K)
+    assert _dequant_acts(a, QType.Q8_K)[0, 0] == pytest.approx(1.0)
+    a.bind(x).need(QType.Q8_K)
+    assert _dequant_acts(a, QType.Q8_K)[0, 0] == pytest.approx(2.0)
+
+
+@pytest.fixture(scope="module")
+def traits():
+    ggml_ref = pytest.importorskip("ggml_ref")
+    try:
+        return ggml_ref.CpuTraits()
+    except (ImportError, OSError) as e:
+        pytest.skip(f"libggml-cpu not loadable: {e}")
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("fmt", [QType.Q8_0, QType.Q8_K], ids=lambda t: t.name)
+def test_activation_quantizers_equal_llama_cpp(traits, fmt: QType) -> None:
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((4, 1024)) * np.array([[1e-3], [1.0], [30.0], [1e4]])).astype(np.float32)
+    x[0, :32] = 0                                   # an all-zero block
+    for row in x:
+        ref = traits.from_float(row, fmt)
+        a = _acts(row[None], fmt)
+        if fmt == QType.Q8_0:
+            blocks = ref.reshape(-1, 34)
+            assert np.array_equal(blocks[:, 2:].view(np.int8).reshape(-1), a.q80[0])
+            assert np.array_equal(dequantize(np.ascontiguousarray(blocks[:, :2]), QType.F16).reshape(-1), a.q80_d[0])
+        else:
+            blocks = ref.reshape(-1, 292)
+            assert np.array_equal(blocks[:, 4:260].view(np.int8).reshape(-1), a.q8k[0])
+            assert np.array_equal(np.ascontiguousarray(blocks[:, :4]).view(np.float32).reshape(-1), a.q8k_d[0])
+            assert np.array_equal(np.ascontiguousarray(blocks[:, 260:]).view(np.int16).reshape(-1), a.q8k_b16[0])
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_dot_products_equal_llama_cpp(traits, t: QType) -> None:
+    rng = np.random.default_rng(2)
+    n, rows = 2048, 16
+    assert traits.vec_dot_type(t) == int8.KERNELS[t][0]
+    raw = quantize(rng.standard_normal((rows, n)).astype(np.float32), t)
+    x = rng.standard_normal((3, n)).astype(np.float32)
+    out = np.zeros((3, rows), np.float32)
+    int8.product(raw, t, int8.Acts(3, n).bind(x), out)
+    one = np.zeros((1, rows), np.float32)
+    int8.product(raw, t, int8.Acts(1, n).bind(x[:1]), one)
+    for i in range(3):
+        y = traits.from_float(x[i], traits.vec_dot_type(t))
+        ref = np.array([traits.vec_dot(t, raw[r], y, n) for r in range(rows)], np.float32)
+        assert np.abs(out[i] - ref).max() <= 1e-6 * np.abs(ref).max()
+    assert np.abs(one[0] - out[0]).max() <= 1e-6 * np.abs(out[0]).max()
