@@ -33,6 +33,18 @@ from .sampling import Sampler, SamplingParams
 from .tokenizer import Detokenizer, Tokenizer
 
 
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo in bytes (0 where there is none: then nothing is prefaulted)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class Model:
     """A loaded GGUF model with one context (KV cache) that successive calls reuse by common prefix.
 
@@ -47,6 +59,8 @@ class Model:
         if opt.n_threads is not None:
             numba.set_num_threads(opt.n_threads)
         self.file = GGUFFile(self.path)
+        if self.file.size < 0.9 * available_memory():
+            self.file.prefault()   # page faults at load, not during the first tokens (llama.cpp copies at load)
         self.metadata: dict[str, Any] = self.file.metadata
         self.gpu = None
         self.model = Transformer.load(self.file, self._backend(opt))

@@ -23,7 +23,7 @@ from .config import Activation, CacheType
 from .experts.arena import Arena
 from .experts.cache import ExpertCache
 from .experts.expert import Expert, Ready
-from .weights import DenseMatrix, QMatrix
+from .weights import QMatrix
 
 if TYPE_CHECKING:
     from .context import Context, FFNScratch, RunState
@@ -83,7 +83,7 @@ class Backend(ABC):
 
     @abstractmethod
     def place(self, value: Any) -> Any:
-        """A weight (vector, QMatrix, DenseMatrix, Expert, or a dataclass of them) where this backend computes."""
+        """A weight (vector, QMatrix, Expert, or a dataclass of them) where this backend computes."""
 
     def place_fields(self, obj: Any) -> Any:
         """A dataclass (a Block) with every field placed: device blocks are built from the fields themselves."""
@@ -218,21 +218,16 @@ class CpuBackend(Backend):
     def embed(self, table: QMatrix, ids: np.ndarray, host: np.ndarray, out: np.ndarray) -> None:
         dequantize_rows(table.raw, table.qtype, ids, out)
 
-    def matmul(self, w: Any, x: Any, out: np.ndarray) -> None:
+    def matmul(self, w: QMatrix, x: Any, out: np.ndarray) -> None:
         if isinstance(x, int8.Acts):
-            if isinstance(w, QMatrix) and w.qtype in int8.KERNELS:
+            if w.qtype in int8.KERNELS:
                 int8.product(w.kernel_view, w.qtype, x, out)                 # integer dot products
                 return
             x = x.x
-        if isinstance(w, QMatrix):
-            if x.shape[0] == 1:
-                MATVEC[w.qtype](w.kernel_view, x[0], out[0])
-            elif x.shape[0]:
-                MATMUL[w.qtype](w.kernel_view, x, out)
-        elif w.w.ndim == 1:
-            np.matmul(x, w.w, out=out[:, 0])                                 # a gate logit per token
-        else:
-            np.matmul(x, w.w.T, out=out)                                     # router logits
+        if x.shape[0] == 1:
+            MATVEC[w.qtype](w.kernel_view, x[0], out[0])
+        elif x.shape[0]:
+            MATMUL[w.qtype](w.kernel_view, x, out)
 
     def rms_norm(self, x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
         n = x.shape[-1]

@@ -21,6 +21,7 @@ from hotcold.quant import QType, QuantError, byte_shape, resolve, row_bytes
 MAX_DIMS = 4           # GGML_MAX_DIMS
 MAX_ARRAY_DEPTH = 2    # arrays of arrays exist in the format; nothing deeper is plausible
 DEFAULT_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT
+_MADV_POPULATE_READ = 22  # linux/mman.h; Python 3.11's mmap module does not name it
 
 _SCALAR = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
@@ -180,6 +181,15 @@ class GGUFFile:
             raise KeyError(f"{self.path} has no tensor {name!r}")
         flat = np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
         return flat.reshape(byte_shape(t.shape, t.qtype))
+
+    def prefault(self) -> None:
+        """Map every page of the file now (reading it from disk if it is not cached), so that first uses of
+        weights during inference take no page faults. MADV_POPULATE_READ where the kernel has it (5.14+),
+        else one read per page."""
+        try:
+            self._mm.madvise(_MADV_POPULATE_READ)
+        except (OSError, ValueError, AttributeError):
+            np.frombuffer(self._mm, dtype=np.uint8)[::mmap.PAGESIZE].max()
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)

@@ -13,10 +13,56 @@ import math
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-from hotcold.quant.fp import f32_to_f16
-from hotcold.quant.kernels import _f16_bits_to_f32
+from typing import Any, Callable
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from hotcold.quant.fp import bits_f32, f32_to_f16
+from hotcold.quant.kernels import _f16_bits_to_f32, _stack
 
 F32 = np.float32
+
+
+@intrinsic
+def _fma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+    """a * b + c rounded once (llvm.fma.f32), whatever the fast-math flags."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        f = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f, f, f]), "llvm.fma.f32")
+        return builder.call(fn, args)
+    return sig, codegen
+
+
+_R = F32(float.fromhex("0x1.8p23"))
+_LOG2E = F32(float.fromhex("0x1.715476p+0"))
+_LN2_HI, _LN2_LO = F32(float.fromhex("0x1.62e4p-1")), F32(float.fromhex("0x1.7f7d1cp-20"))
+_C5, _C4 = F32(float.fromhex("0x1.0e4020p-7")), F32(float.fromhex("0x1.573e2ep-5"))
+_C3, _C2 = F32(float.fromhex("0x1.555e66p-3")), F32(float.fromhex("0x1.fffdb6p-2"))
+_C1 = F32(float.fromhex("0x1.ffffecp-1"))
+
+
+@njit(cache=True, inline="always")
+def v_expf(x: np.float32) -> np.float32:
+    """exp(x) as ggml's SIMD ggml_v_expf computes it (ggml-cpu/vec.h, after ARM's optimized routine: max error
+    1.45 ulp), step for step with single-rounding FMAs, so that llama.cpp's softmax and SiLU values are
+    reproduced; scalar code that LLVM vectorises."""
+    z = _fma(x, _LOG2E, _R)
+    n = z - _R
+    b = _fma(-n, _LN2_LO, _fma(-n, _LN2_HI, x))
+    u = b * b
+    j = _fma(_fma(_fma(_C5, b, _C4), u, _fma(_C3, b, _C2)), u, _fma(_C1, b, F32(1.0)))
+    k = np.int32(n)
+    # scalef(j, n) = j * 2^n: in two factors of 2^(k/2), 2^(k - k/2), each a normal float for |k| <= 192
+    h = k >> np.int32(1)
+    res = j * bits_f32(np.uint32((h + 127) << 23)) * bits_f32(np.uint32((k - h + 127) << 23))
+    if abs(n) > F32(192):
+        res = F32(np.inf) if n > F32(0) else F32(0)
+    return res
 
 
 @njit(cache=True, fastmath={"contract"})
@@ -49,41 +95,22 @@ def rope(x: np.ndarray, pos: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox:
                 x[t, h, i1] = a * s + b * c
 
 
-@njit(cache=True, parallel=True, fastmath={"contract"})
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarray, scratch: np.ndarray) -> None:
-    """Causal grouped-query attention over an F32 cache: q (T, n_head, d) at positions p0.., k/v (n_ctx, n_head_kv,
-    d) filled up to p0 + T; out (T, n_head * d). Each (token, head) is one task; `scratch` (threads, >= n_ctx)
-    holds a thread's scores. The softmax is ggml's soft_max_ext: max-subtracted, summed in float64, scaled by
-    the reciprocal of the sum."""
-    T, nh, d = q.shape
-    g = nh // k.shape[1]
-    scale = F32(1.0 / math.sqrt(d))
-    for task in prange(T * nh):
-        t, h = task // nh, task % nh
-        kv = h // g
-        n = p0 + t + 1
-        s = scratch[get_thread_id(), :n]
-        m = F32(-np.inf)
-        for j in range(n):
-            acc = F32(0)
-            for i in range(d):
-                acc += q[t, h, i] * k[j, kv, i]
-            s[j] = acc * scale
-            m = max(m, s[j])
-        inv = _exp_normalizer(s, m)
-        o = out[t, h * d:(h + 1) * d]
-        o[:] = 0
-        for j in range(n):
-            pj = s[j] * inv
-            for i in range(d):
-                o[i] += pj * v[j, kv, i]
+# The dot products and the weighted sum of V are written so that LLVM vectorises them: reassociation lets it
+# split each q.k into lanes (as ggml's vec_dot does), and the output row accumulates in a local array.
+_ATT_MATH = {"contract", "reassoc"}
+MAX_HEAD_DIM = 512
 
 
-@njit(cache=True, parallel=True, fastmath={"contract"})
-def attention_f16(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarray, scratch: np.ndarray) -> None:
-    """As `attention` over an F16 cache (k, v hold fp16 bits), with llama.cpp's roundings: the query rounded
-    to fp16 before q.k (ggml converts it to the cache's vec_dot type), the probabilities rounded to fp16
-    before they weight V. `scratch` is (threads, n_ctx + head_dim)."""
+@njit(cache=True, inline="always")
+def _f32(x: np.float32) -> np.float32:
+    return x
+
+
+@njit(cache=True, inline="always")
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarray, scratch: np.ndarray,
+            cvt: Callable, rnd: Callable) -> None:
+    """Causal GQA for every (token, head) task; cvt reads a cache element as float32, rnd rounds an operand
+    as ggml converts it for the cache's type (identity for F32)."""
     T, nh, d = q.shape
     g = nh // k.shape[1]
     scale = F32(1.0 / math.sqrt(d))
@@ -95,21 +122,46 @@ def attention_f16(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.
         row = scratch[get_thread_id()]
         s, qr = row[:n], row[n_ctx:n_ctx + d]
         for i in range(d):
-            qr[i] = _f16_bits_to_f32(f32_to_f16(q[t, h, i]))
+            qr[i] = rnd(q[t, h, i])
         m = F32(-np.inf)
         for j in range(n):
             acc = F32(0)
             for i in range(d):
-                acc += qr[i] * _f16_bits_to_f32(k[j, kv, i])
+                acc += qr[i] * cvt(k[j, kv, i])
             s[j] = acc * scale
             m = max(m, s[j])
         inv = _exp_normalizer(s, m)
-        o = out[t, h * d:(h + 1) * d]
-        o[:] = 0
+        o = _stack(MAX_HEAD_DIM, F32)
+        for i in range(d):
+            o[i] = 0
         for j in range(n):
-            pj = _f16_bits_to_f32(f32_to_f16(s[j] * inv))
+            pj = rnd(s[j] * inv)
             for i in range(d):
-                o[i] += pj * _f16_bits_to_f32(v[j, kv, i])
+                o[i] += pj * cvt(v[j, kv, i])
+        for i in range(d):
+            out[t, h * d + i] = o[i]
+
+
+@njit(cache=True, inline="always")
+def _round_f16(x: np.float32) -> np.float32:
+    return _f16_bits_to_f32(f32_to_f16(x))
+
+
+@njit(cache=True, parallel=True, fastmath=_ATT_MATH)
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarray, scratch: np.ndarray) -> None:
+    """Causal grouped-query attention over an F32 cache: q (T, n_head, d) at positions p0.., k/v (n_ctx, n_head_kv,
+    d) filled up to p0 + T; out (T, n_head * d). Each (token, head) is one task; `scratch` (threads, n_ctx + d)
+    holds a thread's scores and query. The softmax is ggml's soft_max_ext: max-subtracted, summed in float64,
+    scaled by the reciprocal of the sum."""
+    _attend(q, k, v, p0, out, scratch, _f32, _f32)
+
+
+@njit(cache=True, parallel=True, fastmath=_ATT_MATH)
+def attention_f16(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarray, scratch: np.ndarray) -> None:
+    """As `attention` over an F16 cache (k, v hold fp16 bits), with llama.cpp's roundings: the query rounded
+    to fp16 before q.k (ggml converts it to the cache's vec_dot type), the probabilities rounded to fp16
+    before they weight V."""
+    _attend(q, k, v, p0, out, scratch, _f16_bits_to_f32, _round_f16)
 
 
 @njit(cache=True, inline="always")
@@ -118,7 +170,7 @@ def _exp_normalizer(s: np.ndarray, m: np.float32) -> np.float32:
     ggml_vec_scale_f32 by 1/sum)."""
     total = 0.0
     for j in range(s.shape[0]):
-        s[j] = math.exp(s[j] - m)
+        s[j] = v_expf(s[j] - m)   # the attention's rows are padded to many 16-chunks: all take v_expf
         total += s[j]
     return F32(1.0 / total)
 
@@ -131,23 +183,50 @@ def store_f16(src: np.ndarray, dst: np.ndarray) -> None:
         df[i] = f32_to_f16(sf[i])
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, error_model="numpy")   # IEEE division (no zero check), so that the loop vectorises
 def silu_mul(g: np.ndarray, u: np.ndarray) -> None:
-    """g = silu(g) * u in place (SwiGLU's gate)."""
+    """g = silu(g) * u in place (SwiGLU's gate), as ggml_vec_swiglu_f32: g / (1 + v_expf(-g)) * u over each
+    row's chunks of 16, the last n % 16 with libm's expf."""
+    n = g.shape[g.ndim - 1]
     gf, uf = g.reshape(-1), u.reshape(-1)
-    for i in range(gf.shape[0]):
-        gf[i] = gf[i] / (F32(1) + math.exp(-gf[i])) * uf[i]
+    simd = n - n % 16
+    for r in range(gf.shape[0] // n):
+        gr, ur = gf[r * n:(r + 1) * n], uf[r * n:(r + 1) * n]
+        for i in range(simd):
+            gr[i] = gr[i] / (F32(1) + v_expf(F32(0) - gr[i])) * ur[i]
+        for i in range(simd, n):
+            gr[i] = gr[i] / (F32(1) + math.exp(-gr[i])) * ur[i]
 
 
 @njit(cache=True, inline="always")
 def _softmax(x: np.ndarray, out: np.ndarray) -> None:
+    """ggml_soft_max on one row, as ggml-cpu's AVX512 code runs it: exp by v_expf in chunks of 16 (each
+    chunk summed as _mm512_reduce_add_ps pairs its lanes), libm expf for the rest, the sum in float64, then
+    every value times the float32 reciprocal of the sum."""
     m = x.max()
-    total = F32(0)
-    for i in range(x.shape[0]):
+    n = x.shape[0]
+    simd = n - n % 16
+    total = 0.0
+    for c in range(0, simd, 16):
+        for i in range(16):
+            out[c + i] = v_expf(x[c + i] - m)
+        total += _reduce16(out, c)
+    for i in range(simd, n):
         out[i] = math.exp(x[i] - m)
         total += out[i]
-    for i in range(x.shape[0]):
-        out[i] /= total
+    inv = F32(1.0 / total)
+    for i in range(n):
+        out[i] *= inv
+
+
+@njit(cache=True, inline="always")
+def _reduce16(a: np.ndarray, c: int) -> np.float32:
+    """a[c:c+16] summed in _mm512_reduce_add_ps's order: halves, then quarters, then pairs."""
+    h = _stack(8, F32)
+    for i in range(8):
+        h[i] = a[c + i + 8] + a[c + i]
+    q0, q1, q2, q3 = h[4] + h[0], h[5] + h[1], h[6] + h[2], h[7] + h[3]
+    return (q0 + q2) + (q1 + q3)
 
 
 @njit(cache=True)
@@ -172,7 +251,7 @@ def route_softmax_topk(logits: np.ndarray, k: int, norm: bool, logit_bias: np.nd
         if prob_bias.shape[0]:
             for e in range(E):
                 score[e] += prob_bias[e]
-        total = F32(0)
+        total = 0.0
         for j in range(k):
             best = 0
             for e in range(1, E):
@@ -182,9 +261,10 @@ def route_softmax_topk(logits: np.ndarray, k: int, norm: bool, logit_bias: np.nd
             weights[t, j] = probs[best]
             total += probs[best]
             score[best] = -np.inf
-        if norm:
+        if norm:                                     # ggml_sum_rows (in float64), then ggml_div
+            s = F32(total)
             for j in range(k):
-                weights[t, j] /= total
+                weights[t, j] /= s
 
 
 @njit(cache=True)

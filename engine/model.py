@@ -20,12 +20,12 @@ from .experts.expert import Expert
 from .experts.mmap import MmapExperts, mmap_experts
 from .gguf_file import GGUFFile
 from .moe import ExpertStore, moe
-from .weights import DenseMatrix, QMatrix, QStack, WeightReader
+from .weights import QMatrix, QStack, WeightReader
 
 
 @dataclass(frozen=True)
 class Block:
-    """One layer's weights; vectors are float32 arrays, matrices QMatrix (DenseMatrix for routers). A layer
+    """One layer's weights; vectors are float32 arrays, matrices QMatrix (routers F32). A layer
     is an MoE layer when it has a router; its experts stay in the file, where the expert store reads them."""
     attn_norm: Any
     attn_q: Any
@@ -89,7 +89,7 @@ class Transformer:
         self.cfg = cfg
         self.backend = be = backend or CpuBackend()
         self.token_embd = token_embd                                 # looked up on the host
-        self.host_routers: list[DenseMatrix | None] = [b.ffn_gate_inp for b in blocks]  # prefetch runs there
+        self.host_routers: list[QMatrix | None] = [b.ffn_gate_inp for b in blocks]  # prefetch runs there
         # the file's experts, read where they lie: the plain store, and the source every other store copies from
         self.experts = MmapExperts(mmap_experts([(b.ffn_gate_exps, b.ffn_up_exps, b.ffn_down_exps)
                                                  if b.ffn_gate_exps is not None else None for b in blocks]))

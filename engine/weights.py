@@ -1,5 +1,5 @@
-"""Weights as the engine sees them: quantized matrices (zero-copy views of the mmap), small float32 matrices
-(routers) and vectors (norms, biases). Immutable: a backend (engine/backend.py) computes with them."""
+"""Weights as the engine sees them: quantized matrices (zero-copy views of the mmap; routers as F32 rows) and
+small float vectors (norms, biases). Immutable: a backend (engine/backend.py) computes with them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,21 +30,6 @@ class QMatrix:
 
 
 @dataclass(frozen=True)
-class DenseMatrix:
-    """A small float32 matrix used as a plain product: a router (n_expert, n_embd), or a single row
-    (n_embd,) such as qwen2moe's shared-expert gate."""
-    w: np.ndarray
-
-    @property
-    def rows(self) -> int:
-        return 1 if self.w.ndim == 1 else self.w.shape[0]
-
-    @property
-    def cols(self) -> int:
-        return self.w.shape[-1]
-
-
-@dataclass(frozen=True)
 class QStack:
     """A 3-D tensor of stacked matrices (experts): item e is a QMatrix view, no copy."""
     raw: np.ndarray  # uint8 (n, rows, row_bytes)
@@ -58,6 +43,11 @@ class QStack:
     @property
     def count(self) -> int:
         return self.raw.shape[0]
+
+
+def _f32_matrix(a: np.ndarray) -> QMatrix:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return QMatrix(a.view(np.uint8), QType.F32, a.shape[0], a.shape[1])
 
 
 class WeightReader:
@@ -82,14 +72,14 @@ class WeightReader:
         t = self._ref(name, 1)
         return dequantize(self.f.raw(name), t.qtype).reshape(-1).astype(np.float32)
 
-    def dense(self, name: str) -> DenseMatrix:
-        """A 2-D tensor dequantized to float32 (routers: small, used as a plain matmul)."""
+    def dense(self, name: str) -> QMatrix:
+        """A 2-D tensor as F32 rows (routers: small, and exact products of the router's logits)."""
         t = self._ref(name, 2)
-        return DenseMatrix(dequantize(self.f.raw(name), t.qtype).astype(np.float32))
+        return _f32_matrix(dequantize(self.f.raw(name), t.qtype))
 
-    def dense_row(self, name: str) -> DenseMatrix:
-        """A 1-D tensor as a one-row float32 product (a gate logit per token)."""
-        return DenseMatrix(self.vector(name))
+    def dense_row(self, name: str) -> QMatrix:
+        """A 1-D tensor as a one-row F32 matrix (a gate logit per token)."""
+        return _f32_matrix(self.vector(name)[None, :])
 
     def matrix(self, name: str) -> QMatrix:
         t = self._ref(name, 2)

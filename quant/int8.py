@@ -29,6 +29,8 @@ F32, I32, U8, U64 = np.float32, np.int32, np.uint8, np.uint64
 MR = 4   # weight rows per matmul tile
 MT = 4   # activation rows per matmul tile (unrolled: their accumulators stay in registers)
 LANES = 8 * MT  # accumulator lanes per matmul tile
+CHAINS1 = 32    # a K-quant block's integer sums in four chains of 8 lanes, for one activation row
+CHAINS = 32 * MT  # ... for a tile of MT rows
 
 
 class Acts:
@@ -152,11 +154,13 @@ def _byte(v: int, i: int) -> int:
 @njit(cache=True, inline="always")
 def _q4_k_block(acc: np.ndarray, accm: np.ndarray, accf: np.ndarray, j: int, w: np.ndarray, r: int, o: int,
                 q: np.ndarray, qo: int, b32: np.ndarray, bo: int, dx: float, sc: int, mn: int) -> None:
+    """One block into token j's accumulators: acc[32j:32j+32] (four chains), accm[8j:], accf[8j:]."""
+    base = r * w.shape[1] + o + 16
     for c in range(4):
-        simd.madd_u4(acc, 8 * j, w, r * w.shape[1] + o + 16 + 32 * c, 0, q, qo + 64 * c, _byte(sc, 2 * c))
-        simd.madd_u4(acc, 8 * j, w, r * w.shape[1] + o + 16 + 32 * c, 4, q, qo + 64 * c + 32, _byte(sc, 2 * c + 1))
+        simd.madd_u4(acc, 32 * j + 8 * c, w, base + 32 * c, 0, q, qo + 64 * c, _byte(sc, 2 * c))
+        simd.madd_u4(acc, 32 * j + 8 * c, w, base + 32 * c, 4, q, qo + 64 * c + 32, _byte(sc, 2 * c + 1))
     simd.mul_u8x8(accm, 8 * j, mn, b32, bo)
-    simd.fma_reset(accf, 8 * j, acc, 8 * j, dx * _h(w, r, o))
+    simd.fma4_reset(accf, 8 * j, acc, 32 * j, dx * _h(w, r, o))
     simd.fma_reset(accf, 8 * j, accm, 8 * j, -(dx * _h(w, r, o + 2)))
 
 
@@ -165,7 +169,9 @@ def mv_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: n
     """out[r] = row r of Q4_K w . the Q8_K activation row (q, d, b32 of shape (1, .)); out (1, rows)."""
     nb = w.shape[1] // 144
     for r in prange(w.shape[0]):
-        acc, accm, accf = _stack(8, I32), _stack(8, I32), _stack(8, F32)
+        acc, accm, accf = _stack(CHAINS1, I32), _stack(8, I32), _stack(8, F32)
+        for l in range(CHAINS1):
+            acc[l] = 0
         for l in range(8):
             acc[l] = 0
             accm[l] = 0
@@ -182,7 +188,9 @@ def mm_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: n
     rows, nb, T = w.shape[0], w.shape[1] // 144, q.shape[0]
     n, n32 = q.shape[1], b32.shape[1]
     for rt in prange((rows + MR - 1) // MR):
-        acc, accm, accf = _stack(LANES, I32), _stack(LANES, I32), _stack(LANES, F32)
+        acc, accm, accf = _stack(CHAINS, I32), _stack(LANES, I32), _stack(LANES, F32)
+        for l in range(CHAINS):
+            acc[l] = 0
         for t0 in range(0, T, MT):
             for r in range(rt * MR, min(rt * MR + MR, rows)):
                 for l in range(LANES):
@@ -207,11 +215,12 @@ def _q5_k_block(acc: np.ndarray, accm: np.ndarray, accf: np.ndarray, j: int, w: 
                 q: np.ndarray, qo: int, b32: np.ndarray, bo: int, dx: float, sc: int, mn: int) -> None:
     base = r * w.shape[1] + o
     for c in range(4):
-        simd.madd_u5(acc, 8 * j, w, base + 48 + 32 * c, 0, w, base + 16, 2 * c, q, qo + 64 * c, _byte(sc, 2 * c))
-        simd.madd_u5(acc, 8 * j, w, base + 48 + 32 * c, 4, w, base + 16, 2 * c + 1, q, qo + 64 * c + 32,
+        simd.madd_u5(acc, 32 * j + 8 * c, w, base + 48 + 32 * c, 0, w, base + 16, 2 * c, q, qo + 64 * c,
+                     _byte(sc, 2 * c))
+        simd.madd_u5(acc, 32 * j + 8 * c, w, base + 48 + 32 * c, 4, w, base + 16, 2 * c + 1, q, qo + 64 * c + 32,
                      _byte(sc, 2 * c + 1))
     simd.mul_u8x8(accm, 8 * j, mn, b32, bo)
-    simd.fma_reset(accf, 8 * j, acc, 8 * j, dx * _h(w, r, o))
+    simd.fma4_reset(accf, 8 * j, acc, 32 * j, dx * _h(w, r, o))
     simd.fma_reset(accf, 8 * j, accm, 8 * j, -(dx * _h(w, r, o + 2)))
 
 
@@ -219,7 +228,9 @@ def _q5_k_block(acc: np.ndarray, accm: np.ndarray, accf: np.ndarray, j: int, w: 
 def mv_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
     nb = w.shape[1] // 176
     for r in prange(w.shape[0]):
-        acc, accm, accf = _stack(8, I32), _stack(8, I32), _stack(8, F32)
+        acc, accm, accf = _stack(CHAINS1, I32), _stack(8, I32), _stack(8, F32)
+        for l in range(CHAINS1):
+            acc[l] = 0
         for l in range(8):
             acc[l] = 0
             accm[l] = 0
@@ -235,7 +246,9 @@ def mm_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: n
     rows, nb, T = w.shape[0], w.shape[1] // 176, q.shape[0]
     n, n32 = q.shape[1], b32.shape[1]
     for rt in prange((rows + MR - 1) // MR):
-        acc, accm, accf = _stack(LANES, I32), _stack(LANES, I32), _stack(LANES, F32)
+        acc, accm, accf = _stack(CHAINS, I32), _stack(LANES, I32), _stack(LANES, F32)
+        for l in range(CHAINS):
+            acc[l] = 0
         for t0 in range(0, T, MT):
             for r in range(rt * MR, min(rt * MR + MR, rows)):
                 for l in range(LANES):
@@ -265,13 +278,13 @@ def _q6_k_block(acc: np.ndarray, accf: np.ndarray, j: int, w: np.ndarray, r: int
         for g in range(4):   # 32 quants: ql nibble (g >> 1) of bytes 64n + 32(g & 1).., qh bits 2g.. of bytes 32n..
             sa = np.int64(np.int8(w[r, o + 192 + 8 * n + 2 * g]))
             sb = np.int64(np.int8(w[r, o + 192 + 8 * n + 2 * g + 1]))
-            simd.madd_u6(acc, 8 * j, w, base + 64 * n + 32 * (g & 1), 4 * (g >> 1), w, base + 128 + 32 * n, 2 * g,
-                         q, qo + 128 * n + 32 * g, sa, sb)
+            simd.madd_u6(acc, 32 * j + 8 * g, w, base + 64 * n + 32 * (g & 1), 4 * (g >> 1), w, base + 128 + 32 * n,
+                         2 * g, q, qo + 128 * n + 32 * g, sa, sb)
     m = 0
     for i in range(16):
         m += np.int64(np.int8(w[r, o + 192 + i])) * b16[bo + i]
     dd = dx * _h(w, r, o + 208)
-    simd.fma_reset(accf, 8 * j, acc, 8 * j, dd)
+    simd.fma4_reset(accf, 8 * j, acc, 32 * j, dd)
     return dd * F32(32 * m)
 
 
@@ -280,7 +293,9 @@ def mv_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: n
     nb = w.shape[1] // 210
     b16f = b16.reshape(-1)
     for r in prange(w.shape[0]):
-        acc, accf = _stack(8, I32), _stack(8, F32)
+        acc, accf = _stack(CHAINS1, I32), _stack(8, F32)
+        for l in range(CHAINS1):
+            acc[l] = 0
         for l in range(8):
             acc[l] = 0
             accf[l] = 0
@@ -296,7 +311,9 @@ def mm_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: n
     n, n16 = q.shape[1], b16.shape[1]
     b16f = b16.reshape(-1)
     for rt in prange((rows + MR - 1) // MR):
-        acc, accf, corr = _stack(LANES, I32), _stack(LANES, F32), _stack(MT, F32)
+        acc, accf, corr = _stack(CHAINS, I32), _stack(LANES, F32), _stack(MT, F32)
+        for l in range(CHAINS):
+            acc[l] = 0
         for t0 in range(0, T, MT):
             for r in range(rt * MR, min(rt * MR + MR, rows)):
                 for l in range(LANES):

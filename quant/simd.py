@@ -217,6 +217,29 @@ def fma_reset(typingctx: Any, accf: Any, fo: Any, acc: Any, ao: Any, d: Any) -> 
 
 
 @intrinsic
+def fma4_reset(typingctx: Any, accf: Any, fo: Any, acc: Any, ao: Any, d: Any) -> Any:
+    """accf[fo:fo+8] += float(the sum of the four accumulators at acc[ao:ao+32]) * d, then those are zeroed: a
+    block's sums kept in four independent chains (so the integer steps are not latency-bound), scaled once."""
+    sig = types.void(accf, fo, acc, ao, d)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        pf = _ptr(context, builder, sig.args[0], args[0], args[1], _F8)
+        a = context.make_array(sig.args[2])(context, builder, args[2])
+        ptrs = [builder.bitcast(builder.gep(a.data, [builder.add(args[3], ir.Constant(args[3].type, 8 * i))]),
+                                _D8.as_pointer()) for i in range(4)]
+        v = [builder.load(p, align=4) for p in ptrs]
+        total = builder.add(builder.add(v[0], v[1]), builder.add(v[2], v[3]))
+        fv = builder.sitofp(total, _F8)
+        dv = _splat(builder, _F8, builder.fptrunc(args[4], _F32) if args[4].type != _F32 else args[4])
+        r = builder.fadd(builder.load(pf, align=4), builder.fmul(fv, dv, flags=("contract",)), flags=("contract",))
+        builder.store(r, pf, align=4)
+        for p in ptrs:
+            builder.store(ir.Constant(_D8, [0] * 8), p, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
 def hsum(typingctx: Any, accf: Any, fo: Any) -> Any:
     """The sum of accf[fo:fo+8] (float32)."""
     sig = types.float32(accf, fo)

@@ -25,7 +25,7 @@ from ..config import CacheType
 from ..experts.cache import ExpertCache
 from ..experts.expert import Expert, Ready
 from ..experts.rules import Budget, Placement
-from ..weights import DenseMatrix, QMatrix, QStack
+from ..weights import QMatrix, QStack
 from . import kernels as ck
 from .arena import CudaArena, CudaMatrix, Uploaded
 from .calibrate import calibrate
@@ -130,9 +130,6 @@ class CudaBackend(Backend):
             return self.gpu.upload_array(value.astype(np.float32), DENSE)
         if isinstance(value, QMatrix):
             return CudaMatrix.view(self.gpu.upload_array(value.raw.reshape(-1), DENSE), value)
-        if isinstance(value, DenseMatrix):                                   # routers: F32 rows
-            a = np.ascontiguousarray(value.w.reshape(value.rows, value.cols), dtype=np.float32)
-            return self.place(QMatrix(a.view(np.uint8), QType.F32, value.rows, value.cols))
         if isinstance(value, Expert):
             return Expert(self.place(value.gate), self.place(value.up), self.place(value.down))
         raise TypeError(f"cannot place {type(value).__name__} on the GPU")
