@@ -166,256 +166,108 @@ def _q4_k_block(acc: np.ndarray, accm: np.ndarray, accf: np.ndarray, j: int, w: 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    """out[r] = row r of Q4_K w . the Q8_K activation row (q, d, b32 of shape (1, .)); out (1, rows)."""
-    nb = w.shape[1] // 144
-    for r in prange(w.shape[0]):
-        acc, accm, accf = _stack(CHAINS1, I32), _stack(8, I32), _stack(8, F32)
-        for l in range(CHAINS1):
-            acc[l] = 0
-        for l in range(8):
-            acc[l] = 0
-            accm[l] = 0
-            accf[l] = 0
-        for k in range(nb):
-            sc, mn = _k4_scales(w, r, k * 144)
-            _q4_k_block(acc, accm, accf, 0, w, r, k * 144, q, k * 256, b32, k * 8, d[0, k], sc, mn)
-        out[0, r] = simd.hsum(accf, 0)
+    """out[0, r] = row r of Q4_K w . the Q8_K activation row (q, d, b32 of shape (1, .))."""
+    _mv_k(w, q, d, b32, out, 144, 8, simd.q4_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    """out[t, r] = row r of Q4_K w . activation row t, for activations (T, .); tiles of MR rows x MT rows."""
-    rows, nb, T = w.shape[0], w.shape[1] // 144, q.shape[0]
-    n, n32 = q.shape[1], b32.shape[1]
-    for rt in prange((rows + MR - 1) // MR):
-        acc, accm, accf = _stack(CHAINS, I32), _stack(LANES, I32), _stack(LANES, F32)
-        for l in range(CHAINS):
-            acc[l] = 0
-        for t0 in range(0, T, MT):
-            for r in range(rt * MR, min(rt * MR + MR, rows)):
-                for l in range(LANES):
-                    acc[l] = 0
-                    accm[l] = 0
-                    accf[l] = 0
-                for k in range(nb):
-                    sc, mn = _k4_scales(w, r, k * 144)
-                    for j in range(MT):
-                        t = min(t0 + j, T - 1)   # past the last row: recompute it, stored never
-                        _q4_k_block(acc, accm, accf, j, w, r, k * 144, q, t * n + k * 256, b32, t * n32 + k * 8,
-                                    d[t, k], sc, mn)
-                for j in range(min(MT, T - t0)):
-                    out[t0 + j, r] = simd.hsum(accf, 8 * j)
+    """out[t, r] = row r of Q4_K w . activation row t, for activations (T, .); tiles of MR weight rows x MT
+    activation rows, each weight block decoded once for the MT rows (the last tile overlaps the one before)."""
+    _mm_k(w, q, d, b32, out, 144, 8, simd.q4_k_block1, simd.q4_k_block4)
 
 
-# ---- Q5_K x Q8_K ----
-# block_q5_K: d, dmin, scales[12], qh[32], qs[128]; the fifth bit of sub-block s sits at bit s of qh[l]
+# ---- Q5_K and Q6_K x Q8_K ----
+# block_q5_K: d, dmin, scales[12], qh[32], qs[128] (the fifth bit of sub-block s is bit s of qh[l]);
+# block_q6_K: ql[128], qh[64], scales[16], d. Each block is one intrinsic (quant/simd.py); `b` is the sums the
+# type needs (Q5_K: per 32, for the mins; Q6_K: per 16, for its -32 offset).
 
 @njit(cache=True, inline="always")
-def _q5_k_block(acc: np.ndarray, accm: np.ndarray, accf: np.ndarray, j: int, w: np.ndarray, r: int, o: int,
-                q: np.ndarray, qo: int, b32: np.ndarray, bo: int, dx: float, sc: int, mn: int) -> None:
-    base = r * w.shape[1] + o
-    for c in range(4):
-        simd.madd_u5(acc, 32 * j + 8 * c, w, base + 48 + 32 * c, 0, w, base + 16, 2 * c, q, qo + 64 * c,
-                     _byte(sc, 2 * c))
-        simd.madd_u5(acc, 32 * j + 8 * c, w, base + 48 + 32 * c, 4, w, base + 16, 2 * c + 1, q, qo + 64 * c + 32,
-                     _byte(sc, 2 * c + 1))
-    simd.mul_u8x8(accm, 8 * j, mn, b32, bo)
-    simd.fma4_reset(accf, 8 * j, acc, 32 * j, dx * _h(w, r, o))
-    simd.fma_reset(accf, 8 * j, accm, 8 * j, -(dx * _h(w, r, o + 2)))
+def _mv_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray, ts: int, bpb: int,
+          block1: Callable, qk: int = 256) -> None:
+    """out[0, r] = row r . the activation row: a block of ts bytes against qk activations, bpb sums each."""
+    nb, rb = w.shape[1] // ts, w.shape[1]
+    for r in prange(w.shape[0]):
+        accf = _stack(8, F32)
+        for l in range(8):
+            accf[l] = 0
+        for k in range(nb):
+            block1(accf, 0, w, r * rb + k * ts, q, k * qk, 0, b, k * bpb, 0, d, k, 0)
+        out[0, r] = simd.hsum(accf, 0)
+
+
+@njit(cache=True, inline="always")
+def _mm_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray, ts: int, bpb: int,
+          block1: Callable, block4: Callable, qk: int = 256) -> None:
+    """out[t, r] for activations (T, .): tiles of MR weight rows x MT activation rows, each weight block decoded
+    once for the MT rows (the last tile overlaps the one before); fewer than MT rows go one at a time."""
+    rows, nb, rb, T = w.shape[0], w.shape[1] // ts, w.shape[1], q.shape[0]
+    n, nbs, nd = q.shape[1], b.shape[1], d.shape[1]
+    for rt in prange((rows + MR - 1) // MR):
+        accf = _stack(LANES, F32)
+        for t0 in range(0, T, MT):
+            s = t0 if t0 + MT <= T else max(T - MT, 0)
+            for r in range(rt * MR, min(rt * MR + MR, rows)):
+                for l in range(LANES):
+                    accf[l] = 0
+                if T >= MT:
+                    for k in range(nb):
+                        block4(accf, 0, w, r * rb + k * ts, q, s * n + k * qk, n, b, s * nbs + k * bpb, nbs,
+                               d, s * nd + k, nd)
+                    for j in range(MT):
+                        if s + j >= t0:
+                            out[s + j, r] = simd.hsum(accf, 8 * j)
+                else:
+                    for j in range(T):
+                        for k in range(nb):
+                            block1(accf, 8 * j, w, r * rb + k * ts, q, j * n + k * qk, 0, b,
+                                   j * nbs + k * bpb, 0, d, j * nd + k, 0)
+                        out[j, r] = simd.hsum(accf, 8 * j)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    nb = w.shape[1] // 176
-    for r in prange(w.shape[0]):
-        acc, accm, accf = _stack(CHAINS1, I32), _stack(8, I32), _stack(8, F32)
-        for l in range(CHAINS1):
-            acc[l] = 0
-        for l in range(8):
-            acc[l] = 0
-            accm[l] = 0
-            accf[l] = 0
-        for k in range(nb):
-            sc, mn = _k4_scales(w, r, k * 176)
-            _q5_k_block(acc, accm, accf, 0, w, r, k * 176, q, k * 256, b32, k * 8, d[0, k], sc, mn)
-        out[0, r] = simd.hsum(accf, 0)
+    _mv_k(w, q, d, b32, out, 176, 8, simd.q5_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    rows, nb, T = w.shape[0], w.shape[1] // 176, q.shape[0]
-    n, n32 = q.shape[1], b32.shape[1]
-    for rt in prange((rows + MR - 1) // MR):
-        acc, accm, accf = _stack(CHAINS, I32), _stack(LANES, I32), _stack(LANES, F32)
-        for l in range(CHAINS):
-            acc[l] = 0
-        for t0 in range(0, T, MT):
-            for r in range(rt * MR, min(rt * MR + MR, rows)):
-                for l in range(LANES):
-                    acc[l] = 0
-                    accm[l] = 0
-                    accf[l] = 0
-                for k in range(nb):
-                    sc, mn = _k4_scales(w, r, k * 176)
-                    for j in range(MT):
-                        t = min(t0 + j, T - 1)
-                        _q5_k_block(acc, accm, accf, j, w, r, k * 176, q, t * n + k * 256, b32, t * n32 + k * 8,
-                                    d[t, k], sc, mn)
-                for j in range(min(MT, T - t0)):
-                    out[t0 + j, r] = simd.hsum(accf, 8 * j)
-
-
-# ---- Q6_K x Q8_K ----
-# block_q6_K: ql[128], qh[64], scales[16] (int8), d; q = (4 low bits | 2 high bits << 4) - 32, and the -32
-# is taken out through the activations' sums per 16: sum(sc * (q6 . x)) - 32 * sum(sc * b16)
-
-@njit(cache=True, inline="always")
-def _q6_k_block(acc: np.ndarray, accf: np.ndarray, j: int, w: np.ndarray, r: int, o: int, q: np.ndarray, qo: int,
-                b16: np.ndarray, bo: int, dx: float) -> np.float32:
-    """Adds the block's scaled sums to accf[8j:] and returns its -32 correction (to subtract)."""
-    base = r * w.shape[1] + o
-    for n in range(2):
-        for g in range(4):   # 32 quants: ql nibble (g >> 1) of bytes 64n + 32(g & 1).., qh bits 2g.. of bytes 32n..
-            sa = np.int64(np.int8(w[r, o + 192 + 8 * n + 2 * g]))
-            sb = np.int64(np.int8(w[r, o + 192 + 8 * n + 2 * g + 1]))
-            simd.madd_u6(acc, 32 * j + 8 * g, w, base + 64 * n + 32 * (g & 1), 4 * (g >> 1), w, base + 128 + 32 * n,
-                         2 * g, q, qo + 128 * n + 32 * g, sa, sb)
-    m = 0
-    for i in range(16):
-        m += np.int64(np.int8(w[r, o + 192 + i])) * b16[bo + i]
-    dd = dx * _h(w, r, o + 208)
-    simd.fma4_reset(accf, 8 * j, acc, 32 * j, dd)
-    return dd * F32(32 * m)
+    _mm_k(w, q, d, b32, out, 176, 8, simd.q5_k_block1, simd.q5_k_block4)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
-    nb = w.shape[1] // 210
-    b16f = b16.reshape(-1)
-    for r in prange(w.shape[0]):
-        acc, accf = _stack(CHAINS1, I32), _stack(8, F32)
-        for l in range(CHAINS1):
-            acc[l] = 0
-        for l in range(8):
-            acc[l] = 0
-            accf[l] = 0
-        corr = F32(0)
-        for k in range(nb):
-            corr += _q6_k_block(acc, accf, 0, w, r, k * 210, q, k * 256, b16f, k * 16, d[0, k])
-        out[0, r] = simd.hsum(accf, 0) - corr
+    _mv_k(w, q, d, b16, out, 210, 16, simd.q6_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
-    rows, nb, T = w.shape[0], w.shape[1] // 210, q.shape[0]
-    n, n16 = q.shape[1], b16.shape[1]
-    b16f = b16.reshape(-1)
-    for rt in prange((rows + MR - 1) // MR):
-        acc, accf, corr = _stack(CHAINS, I32), _stack(LANES, F32), _stack(MT, F32)
-        for l in range(CHAINS):
-            acc[l] = 0
-        for t0 in range(0, T, MT):
-            for r in range(rt * MR, min(rt * MR + MR, rows)):
-                for l in range(LANES):
-                    acc[l] = 0
-                    accf[l] = 0
-                for j in range(MT):
-                    corr[j] = 0
-                for k in range(nb):
-                    for j in range(MT):
-                        t = min(t0 + j, T - 1)
-                        corr[j] += _q6_k_block(acc, accf, j, w, r, k * 210, q, t * n + k * 256, b16f,
-                                               t * n16 + k * 16, d[t, k])
-                for j in range(min(MT, T - t0)):
-                    out[t0 + j, r] = simd.hsum(accf, 8 * j) - corr[j]
+    _mm_k(w, q, d, b16, out, 210, 16, simd.q6_k_block1, simd.q6_k_block4)
 
 
-# ---- Q8_0 x Q8_0 ----
-# block_q8_0: d (fp16), qs[32] (int8); (w + 128) . x - 128 * sum(x) keeps the bytes unsigned for the dot
+# ---- Q8_0 and Q4_0 x Q8_0 ----
+# block_q8_0: d (fp16), qs[32] (int8): (w + 128) . x - 128 * sum(x) keeps the bytes unsigned for the dot;
+# block_q4_0: d, qs[16]: weights d * (nibble - 8): nibble . x - 8 * sum(x). Activations: q, d, s (block sums),
+# so a block's d and s are one element each (the drivers' `bpb` is 1, its activation block 32).
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_q8_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
-    nb = w.shape[1] // 34
-    for r in prange(w.shape[0]):
-        acc, accf = _stack(8, I32), _stack(8, F32)
-        for l in range(8):
-            acc[l] = 0
-            accf[l] = 0
-        corr = F32(0)
-        for k in range(nb):
-            simd.dot_s8(acc, 0, w, r * w.shape[1] + k * 34 + 2, q, k * 32)
-            dd = _h(w, r, k * 34) * d[0, k]
-            simd.fma_reset(accf, 0, acc, 0, dd)
-            corr += dd * F32(s[0, k])
-        out[0, r] = simd.hsum(accf, 0) - F32(128) * corr
+    _mv_k(w, q, d, s, out, 34, 1, simd.q8_0_block1, 32)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q8_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
-    rows, nb, T, n = w.shape[0], w.shape[1] // 34, q.shape[0], q.shape[1]
-    for rt in prange((rows + MR - 1) // MR):
-        acc, accf, corr = _stack(LANES, I32), _stack(LANES, F32), _stack(MT, F32)
-        for t0 in range(0, T, MT):
-            for r in range(rt * MR, min(rt * MR + MR, rows)):
-                for l in range(LANES):
-                    acc[l] = 0
-                    accf[l] = 0
-                for j in range(MT):
-                    corr[j] = 0
-                for k in range(nb):
-                    dw = _h(w, r, k * 34)
-                    for j in range(MT):
-                        t = min(t0 + j, T - 1)
-                        simd.dot_s8(acc, 8 * j, w, r * w.shape[1] + k * 34 + 2, q, t * n + k * 32)
-                        dd = dw * d[t, k]
-                        simd.fma_reset(accf, 8 * j, acc, 8 * j, dd)
-                        corr[j] += dd * F32(s[t, k])
-                for j in range(min(MT, T - t0)):
-                    out[t0 + j, r] = simd.hsum(accf, 8 * j) - F32(128) * corr[j]
+    _mm_k(w, q, d, s, out, 34, 1, simd.q8_0_block1, simd.q8_0_block4, 32)
 
-
-# ---- Q4_0 x Q8_0 ----
-# block_q4_0: d (fp16), qs[16]: weights d * (nibble - 8); nibble . x - 8 * sum(x)
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
-    nb = w.shape[1] // 18
-    for r in prange(w.shape[0]):
-        acc, accf = _stack(8, I32), _stack(8, F32)
-        for l in range(8):
-            acc[l] = 0
-            accf[l] = 0
-        corr = F32(0)
-        for k in range(nb):
-            simd.dot_u4x16(acc, 0, w, r * w.shape[1] + k * 18 + 2, q, k * 32)
-            dd = _h(w, r, k * 18) * d[0, k]
-            simd.fma_reset(accf, 0, acc, 0, dd)
-            corr += dd * F32(s[0, k])
-        out[0, r] = simd.hsum(accf, 0) - F32(8) * corr
+    _mv_k(w, q, d, s, out, 18, 1, simd.q4_0_block1, 32)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
-    rows, nb, T, n = w.shape[0], w.shape[1] // 18, q.shape[0], q.shape[1]
-    for rt in prange((rows + MR - 1) // MR):
-        acc, accf, corr = _stack(LANES, I32), _stack(LANES, F32), _stack(MT, F32)
-        for t0 in range(0, T, MT):
-            for r in range(rt * MR, min(rt * MR + MR, rows)):
-                for l in range(LANES):
-                    acc[l] = 0
-                    accf[l] = 0
-                for j in range(MT):
-                    corr[j] = 0
-                for k in range(nb):
-                    dw = _h(w, r, k * 18)
-                    for j in range(MT):
-                        t = min(t0 + j, T - 1)
-                        simd.dot_u4x16(acc, 8 * j, w, r * w.shape[1] + k * 18 + 2, q, t * n + k * 32)
-                        dd = dw * d[t, k]
-                        simd.fma_reset(accf, 8 * j, acc, 8 * j, dd)
-                        corr[j] += dd * F32(s[t, k])
-                for j in range(min(MT, T - t0)):
-                    out[t0 + j, r] = simd.hsum(accf, 8 * j) - F32(8) * corr[j]
+    _mm_k(w, q, d, s, out, 18, 1, simd.q4_0_block1, simd.q4_0_block4, 32)
 
 
 # ---- dispatch ----

@@ -248,3 +248,207 @@ def hsum(typingctx: Any, accf: Any, fo: Any) -> Any:
         v = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _F8), align=4)
         return builder.call(_fn(builder, "llvm.vector.reduce.fadd.v8f32", _F32, [_F32, _F8]), [ir.Constant(_F32, 0.0), v])
     return sig, codegen
+
+
+# ---- whole blocks: the weights' scales decoded in vector registers, then shared by several activation rows ----
+
+def _k4_scale_words(builder: ir.IRBuilder, u0: Any, u1: Any, u2: Any) -> tuple[Any, Any]:
+    """Q4_K / Q5_K's 12 scale bytes (as three uint32 words) to the eight 6-bit scales and eight mins, one per
+    byte of an i64 each (ggml's utmp / kmask unpacking)."""
+    c = lambda v: ir.Constant(_I32, v)  # noqa: E731
+    lo6, lo4, hi2 = c(0x3F3F3F3F), c(0x0F0F0F0F), c(0x30303030)
+    sc_lo = builder.and_(u0, lo6)
+    sc_hi = builder.or_(builder.and_(u2, lo4), builder.and_(builder.lshr(u0, c(2)), hi2))
+    mn_lo = builder.and_(u1, lo6)
+    mn_hi = builder.or_(builder.and_(builder.lshr(u2, c(4)), lo4), builder.and_(builder.lshr(u1, c(2)), hi2))
+    join = lambda lo, hi: builder.or_(builder.zext(lo, _I64), builder.shl(builder.zext(hi, _I64), ir.Constant(_I64, 32)))  # noqa: E731,E501
+    return join(sc_lo, sc_hi), join(mn_lo, mn_hi)
+
+
+def _load_at(builder: ir.IRBuilder, data: Any, off: Any, ty: ir.Type, align: int = 1) -> Any:
+    return builder.load(builder.bitcast(builder.gep(data, [off]), ty.as_pointer()), align=align)
+
+
+def _plus(builder: ir.IRBuilder, off: Any, k: int) -> Any:
+    return builder.add(off, ir.Constant(off.type, k))
+
+
+def _f16_pair(builder: ir.IRBuilder, data: Any, off: Any) -> tuple[Any, Any]:
+    """The two fp16 at bytes off..off+4 as float32 (vcvtph2ps)."""
+    h = builder.bitcast(_load_at(builder, data, off, ir.VectorType(_I16, 2)), ir.VectorType(ir.HalfType(), 2))
+    f = builder.fpext(h, ir.VectorType(_F32, 2))
+    return builder.extract_element(f, ir.Constant(_I32, 0)), builder.extract_element(f, ir.Constant(_I32, 1))
+
+
+def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
+    """Q4_K (or Q5_K, five=True) blocks against Q8_K activations: scales, mins and quants decoded once into
+    registers, then dotted with each of ntok activation rows."""
+    qs0 = 48 if five else 16                                          # Q5_K: qh[32] sits before qs
+
+    @intrinsic
+    def q4_k_block(typingctx: Any, accf: Any, fo: Any, w: Any, wo: Any, q: Any, qo: Any, qs: Any, b32: Any, bo: Any,
+                   bs: Any, d: Any, do: Any, ds: Any) -> Any:
+        sig = types.void(accf, fo, w, wo, q, qo, qs, b32, bo, bs, d, do, ds)
+
+        def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+            accf_v, fo_v, w_v, wo_v, q_v, qo_v, qs_v, b_v, bo_v, bs_v, d_v, do_v, ds_v = args
+            fa = context.make_array(sig.args[0])(context, builder, accf_v).data
+            wd = context.make_array(sig.args[2])(context, builder, w_v).data
+            qd = context.make_array(sig.args[4])(context, builder, q_v).data
+            bd = context.make_array(sig.args[7])(context, builder, b_v).data
+            dd = context.make_array(sig.args[10])(context, builder, d_v).data
+            words = [_load_at(builder, wd, _plus(builder, wo_v, 4 + 4 * i), _I32) for i in range(3)]
+            sc, mn = _k4_scale_words(builder, *words)
+            sc16 = builder.zext(builder.bitcast(sc, ir.VectorType(_I8, 8)), ir.VectorType(_I16, 8))
+            scales = [builder.shuffle_vector(sc16, ir.Constant(ir.VectorType(_I16, 8), ir.Undefined),
+                                             ir.Constant(ir.VectorType(_I32, 16), [j] * 16)) for j in range(8)]
+            mins = builder.zext(builder.bitcast(mn, ir.VectorType(_I8, 8)), _D8)
+            dw, dminw = _f16_pair(builder, wd, wo_v)
+            m15 = ir.Constant(_B32, [15] * 32)
+            qh = _load_at(builder, wd, _plus(builder, wo_v, 16), _B32) if five else None
+            nib = []
+            for c in range(4):                                       # 32 bytes: sub-blocks 2c (low) and 2c+1
+                wv = _load_at(builder, wd, _plus(builder, wo_v, qs0 + 32 * c), _B32)
+                pair = [builder.and_(wv, m15), builder.and_(builder.lshr(wv, ir.Constant(_B32, [4] * 32)), m15)]
+                if five:                                             # bit s of qh[l] is sub-block s's fifth bit
+                    for h in range(2):
+                        bit = builder.and_(builder.lshr(qh, ir.Constant(_B32, [2 * c + h] * 32)), ir.Constant(_B32, [1] * 32))
+                        pair[h] = builder.or_(pair[h], builder.shl(bit, ir.Constant(_B32, [4] * 32)))
+                nib += pair
+            for t in range(ntok):                                    # each activation row reuses nib and scales
+                qt = builder.add(qo_v, builder.mul(qs_v, ir.Constant(qs_v.type, t)))
+                chains = []
+                for c in range(4):
+                    acc = ir.Constant(_D8, [0] * 8)
+                    for h in range(2):
+                        qv = _load_at(builder, qd, _plus(builder, qt, 64 * c + 32 * h), _B32)
+                        acc = _madd_acc(builder, acc, _maddubs(builder, nib[2 * c + h], qv), scales[2 * c + h])
+                    chains.append(acc)
+                total = builder.add(builder.add(chains[0], chains[1]), builder.add(chains[2], chains[3]))
+                bt = builder.add(bo_v, builder.mul(bs_v, ir.Constant(bs_v.type, t)))
+                msum = builder.mul(mins, _load_at(builder, bd, bt, _D8, align=4))
+                dx = _load_at(builder, dd, builder.add(do_v, builder.mul(ds_v, ir.Constant(ds_v.type, t))), _F32, 4)
+                pf = builder.bitcast(builder.gep(fa, [builder.add(fo_v, ir.Constant(fo_v.type, 8 * t))]), _F8.as_pointer())
+                r = builder.load(pf, align=4)
+                r = builder.call(_fn(builder, "llvm.fma.v8f32", _F8, [_F8, _F8, _F8]),
+                                 [builder.sitofp(total, _F8), _splat(builder, _F8, builder.fmul(dx, dw)), r])
+                r = builder.call(_fn(builder, "llvm.fma.v8f32", _F8, [_F8, _F8, _F8]),
+                                 [builder.sitofp(msum, _F8), _splat(builder, _F8, builder.fneg(builder.fmul(dx, dminw))), r])
+                builder.store(r, pf, align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return q4_k_block
+
+
+q4_k_block1 = _make_q4_k_block(1)   # accf[fo:fo+8] += one Q4_K block (bytes wo..) . one Q8_K block (q at qo)
+q4_k_block4 = _make_q4_k_block(4)   # ... for four activation rows, q at qo + t*qs, b32 at bo + t*bs, d at do + t*ds
+q5_k_block1, q5_k_block4 = _make_q4_k_block(1, five=True), _make_q4_k_block(4, five=True)
+
+
+def _make_q6_k_block(ntok: int) -> Any:
+    """Q6_K blocks (ql[128], qh[64], scales[16] int8, d) against Q8_K activations: the 6-bit quants and the 16
+    scales decoded once; per row, sum(sc * (q6 . x)) - 32 * sum(sc * b16) in integers, scaled once."""
+    @intrinsic
+    def q6_k_block(typingctx: Any, accf: Any, fo: Any, w: Any, wo: Any, q: Any, qo: Any, qs: Any, b16: Any, bo: Any,
+                   bs: Any, d: Any, do: Any, ds: Any) -> Any:
+        sig = types.void(accf, fo, w, wo, q, qo, qs, b16, bo, bs, d, do, ds)
+
+        def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+            accf_v, fo_v, w_v, wo_v, q_v, qo_v, qs_v, b_v, bo_v, bs_v, d_v, do_v, ds_v = args
+            fa = context.make_array(sig.args[0])(context, builder, accf_v).data
+            wd = context.make_array(sig.args[2])(context, builder, w_v).data
+            qd = context.make_array(sig.args[4])(context, builder, q_v).data
+            bd = context.make_array(sig.args[7])(context, builder, b_v).data
+            dd = context.make_array(sig.args[10])(context, builder, d_v).data
+            ql = [_load_at(builder, wd, _plus(builder, wo_v, 32 * i), _B32) for i in range(4)]
+            qh = [_load_at(builder, wd, _plus(builder, wo_v, 128 + 32 * i), _B32) for i in range(2)]
+            sc16 = builder.sext(_load_at(builder, wd, _plus(builder, wo_v, 192), _B16), _W16)
+            sc32 = [builder.sext(builder.shuffle_vector(sc16, ir.Constant(_W16, ir.Undefined),
+                                                        ir.Constant(ir.VectorType(_I32, 8), list(range(8 * i, 8 * i + 8)))), _D8)
+                    for i in range(2)]
+            dw = builder.fpext(builder.bitcast(_load_at(builder, wd, _plus(builder, wo_v, 208), _I16), ir.HalfType()), _F32)
+            quants, scales = [], []
+            for n in range(2):
+                for g in range(4):
+                    low = builder.and_(builder.lshr(ql[2 * n + (g & 1)], ir.Constant(_B32, [4 * (g >> 1)] * 32)),
+                                       ir.Constant(_B32, [15] * 32))
+                    high = builder.and_(builder.lshr(qh[n], ir.Constant(_B32, [2 * g] * 32)), ir.Constant(_B32, [3] * 32))
+                    quants.append(builder.or_(low, builder.shl(high, ir.Constant(_B32, [4] * 32))))
+                    j = 8 * n + 2 * g
+                    scales.append(builder.shuffle_vector(sc16, ir.Constant(_W16, ir.Undefined),
+                                                         ir.Constant(ir.VectorType(_I32, 16), [j] * 8 + [j + 1] * 8)))
+            for t in range(ntok):
+                qt = _row(builder, qo_v, qs_v, t)
+                chains = [ir.Constant(_D8, [0] * 8) for _ in range(4)]
+                for i in range(8):                                   # group i: quants 32i..32i+31
+                    qv = _load_at(builder, qd, _plus(builder, qt, 32 * i), _B32)
+                    chains[i % 4] = _madd_acc(builder, chains[i % 4], _maddubs(builder, quants[i], qv), scales[i])
+                total = builder.add(builder.add(chains[0], chains[1]), builder.add(chains[2], chains[3]))
+                bt = _row(builder, bo_v, bs_v, t)
+                m = builder.add(builder.mul(sc32[0], _load_at(builder, bd, bt, _D8, 4)),
+                                builder.mul(sc32[1], _load_at(builder, bd, _plus(builder, bt, 8), _D8, 4)))
+                total = builder.sub(total, builder.shl(m, ir.Constant(_D8, [5] * 8)))        # - 32 * sum(sc * b16)
+                dx = _load_at(builder, dd, _row(builder, do_v, ds_v, t), _F32, 4)
+                _accumulate(builder, fa, fo_v, t, total, builder.fmul(dx, dw))
+            return context.get_dummy_value()
+        return sig, codegen
+    return q6_k_block
+
+
+q6_k_block1, q6_k_block4 = _make_q6_k_block(1), _make_q6_k_block(4)
+
+
+def _accumulate(builder: ir.IRBuilder, fa: Any, fo: Any, t: int, vals: Any, scale: Any) -> None:
+    """accf[fo + 8t : +8] = fma(float(vals), scale, accf[...]) for int32 lanes vals."""
+    pf = builder.bitcast(builder.gep(fa, [builder.add(fo, ir.Constant(fo.type, 8 * t))]), _F8.as_pointer())
+    r = builder.call(_fn(builder, "llvm.fma.v8f32", _F8, [_F8, _F8, _F8]),
+                     [builder.sitofp(vals, _F8), _splat(builder, _F8, scale), builder.load(pf, align=4)])
+    builder.store(r, pf, align=4)
+
+
+def _row(builder: ir.IRBuilder, off: Any, stride: Any, t: int) -> Any:
+    return builder.add(off, builder.mul(stride, ir.Constant(stride.type, t)))
+
+
+def _make_legacy_block(ntok: int, q4: bool) -> Any:
+    """Q8_0 (q4=False) or Q4_0 blocks against Q8_0 activations: the weight block's bytes are made unsigned once
+    (Q8_0: + 128; Q4_0: its nibbles, 0..15), dotted with each activation row, and the offset (128 or 8 times
+    the row's block sum s) taken out of the integer sum before it is scaled: exact, as ggml's dot is."""
+    offset = 8 if q4 else 128
+
+    @intrinsic
+    def block(typingctx: Any, accf: Any, fo: Any, w: Any, wo: Any, q: Any, qo: Any, qs: Any, s: Any, so: Any,
+              ss: Any, d: Any, do: Any, ds: Any) -> Any:
+        sig = types.void(accf, fo, w, wo, q, qo, qs, s, so, ss, d, do, ds)
+
+        def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+            accf_v, fo_v, w_v, wo_v, q_v, qo_v, qs_v, s_v, so_v, ss_v, d_v, do_v, ds_v = args
+            fa = context.make_array(sig.args[0])(context, builder, accf_v).data
+            wd = context.make_array(sig.args[2])(context, builder, w_v).data
+            qd = context.make_array(sig.args[4])(context, builder, q_v).data
+            sd = context.make_array(sig.args[7])(context, builder, s_v).data
+            dd = context.make_array(sig.args[10])(context, builder, d_v).data
+            dw = builder.fpext(builder.bitcast(_load_at(builder, wd, wo_v, _I16), ir.HalfType()), _F32)
+            if q4:
+                wv = _load_at(builder, wd, _plus(builder, wo_v, 2), _B16)
+                m = ir.Constant(_B16, [15] * 16)
+                u = builder.shuffle_vector(builder.and_(wv, m), builder.and_(builder.lshr(wv, ir.Constant(_B16, [4] * 16)), m),
+                                           ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+            else:
+                u = builder.xor(_load_at(builder, wd, _plus(builder, wo_v, 2), _B32), ir.Constant(_B32, [0x80] * 32))
+            zero = ir.Constant(_I32, 0)
+            for t in range(ntok):
+                qv = _load_at(builder, qd, _row(builder, qo_v, qs_v, t), _B32)
+                acc = _dot_u8s8(builder, ir.Constant(_D8, [0] * 8), u, qv)
+                st = _load_at(builder, sd, _row(builder, so_v, ss_v, t), _I32, 4)
+                lane0 = builder.sub(builder.extract_element(acc, zero), builder.mul(st, ir.Constant(_I32, offset)))
+                acc = builder.insert_element(acc, lane0, zero)
+                scale = builder.fmul(dw, _load_at(builder, dd, _row(builder, do_v, ds_v, t), _F32, 4))
+                _accumulate(builder, fa, fo_v, t, acc, scale)
+            return context.get_dummy_value()
+        return sig, codegen
+    return block
+
+
+q8_0_block1, q8_0_block4 = _make_legacy_block(1, False), _make_legacy_block(4, False)
+q4_0_block1, q4_0_block4 = _make_legacy_block(1, True), _make_legacy_block(4, True)
