@@ -63,14 +63,26 @@ def _stream(pieces) -> str:
 
 
 def _timings(m: Model) -> None:
-    t = m.timings
-    print(f"\nload: {t['load_s'] * 1000:.0f} ms", file=sys.stderr)
+    """llama.cpp's llama_perf_context_print lines, then a one-line summary."""
+    t, p = m.timings, "hotcold_perf_context_print:"
+    print(f"\n{p}        load time = {t['load_s'] * 1e3:10.2f} ms", file=sys.stderr)
+    rates = []
     if t.get("prompt_tokens"):
-        print(f"prompt: {t['prompt_tokens']:.0f} tokens in {t['prompt_s'] * 1000:.0f} ms "
-              f"({t['prompt_tokens'] / max(t['prompt_s'], 1e-9):.1f} tokens/s)", file=sys.stderr)
-    if t.get("gen_tokens"):
-        print(f"decode: {t['gen_tokens']:.0f} tokens in {t['gen_s'] * 1000:.0f} ms "
-              f"({t['gen_tokens'] / max(t['gen_s'], 1e-9):.1f} tokens/s)", file=sys.stderr)
+        n, s = t["prompt_tokens"], t["prompt_s"]
+        print(f"{p} prompt eval time = {s * 1e3:10.2f} ms / {n:5.0f} tokens ({s * 1e3 / n:8.2f} ms per token, "
+              f"{n / max(s, 1e-9):8.2f} tokens per second)", file=sys.stderr)
+        rates.append(f"prompt: {n / max(s, 1e-9):.1f} tokens/s")
+    if t.get("eval_runs"):
+        n, s = t["eval_runs"], t["eval_s"]
+        print(f"{p}        eval time = {s * 1e3:10.2f} ms / {n:5.0f} runs   ({s * 1e3 / n:8.2f} ms per token, "
+              f"{n / max(s, 1e-9):8.2f} tokens per second)", file=sys.stderr)
+        rates.append(f"decode: {n / max(s, 1e-9):.1f} tokens/s")
+    if t.get("prompt_tokens"):
+        total = t["prompt_s"] + t["gen_s"]
+        print(f"{p}       total time = {total * 1e3:10.2f} ms / {t['prompt_tokens'] + t['gen_tokens']:5.0f} tokens",
+              file=sys.stderr)
+    if rates:
+        print(", ".join(rates), file=sys.stderr)
 
 
 def chat(m: Model, args: argparse.Namespace) -> None:

@@ -33,6 +33,15 @@ from .sampling import Sampler, SamplingParams
 from .tokenizer import Detokenizer, Tokenizer
 
 
+def kernels_uncached() -> bool:
+    """Whether Numba's on-disk cache lacks the engine's kernels (a first run: they will compile)."""
+    from . import kernels
+    try:
+        return not Path(kernels.attention_f16._cache._cache_file._index_path).exists()
+    except AttributeError:  # another Numba's internals: say nothing rather than guess
+        return False
+
+
 def available_memory() -> int:
     """MemAvailable from /proc/meminfo in bytes (0 where there is none: then nothing is prefaulted)."""
     try:
@@ -71,7 +80,25 @@ class Model:
             self.ctx.experts = self.cache
         self.tokenizer = Tokenizer.from_metadata(self.metadata)
         self.seed = opt.seed
+        self._warmup()
         self._load_s = time.perf_counter() - t0
+
+    def _warmup(self) -> None:
+        """A prompt of two tokens and one decode step, as llama.cpp warms up at load: the kernels compile (or
+        load from Numba's cache) now, so that no prompt is timed with compilation in it. Through the plain
+        store, so that no expert moves into an arena; the context is left empty."""
+        if kernels_uncached():
+            print("compiling kernels (first run only)", file=sys.stderr, flush=True)
+        ctx, store = self.ctx, self.ctx.experts
+        bos = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
+        ctx.experts = self.model.experts
+        try:
+            self.model.forward(np.full(min(2, ctx.n_batch, ctx.n_ctx - 1) or 1, bos), ctx)
+            if ctx.n_past < ctx.n_ctx:
+                self.model.forward(np.array([bos]), ctx)
+        finally:
+            ctx.experts = store
+            ctx.seek(0)
 
     def _backend(self, opt: Options) -> Backend:
         if opt.device != Device.CUDA:
@@ -98,7 +125,9 @@ class Model:
 
     @property
     def timings(self) -> dict[str, float]:
-        """load_s, and for the last generate(): prompt_tokens, prompt_s, gen_tokens, gen_s."""
+        """load_s, and for the last generate(): prompt_tokens and prompt_s (the prompt's evaluation), gen_tokens and
+        gen_s (the tokens generated and the wall time after the prompt), eval_runs and eval_s (the forward
+        passes after the prompt, llama.cpp's "eval")."""
         return {"load_s": self._load_s, **self.ctx.timings}
 
     @property
@@ -217,7 +246,7 @@ class Model:
         detok = Detokenizer(self.tokenizer, special=False)  # control tokens are not text (llama-cpp-python)
         text, emitted, n_gen = "", 0, 0
         limit = max_tokens if max_tokens and max_tokens > 0 else self.n_ctx - len(ids)
-        finish, cut = "length", False
+        finish, cut, runs, eval_s = "length", False, 0, 0.0
         while n_gen < limit and self.ctx.n_past < self.n_ctx:
             tok = sampler.sample(logits)
             n_gen += 1
@@ -236,14 +265,19 @@ class Model:
             if safe > emitted:  # hold back what may be the start of a stop string
                 yield text[emitted:safe]
                 emitted = safe
-            logits = self._forward([tok])[-1]
+            if n_gen < limit:  # the last token needs no logits
+                te = time.perf_counter()
+                logits = self._forward([tok])[-1]
+                eval_s += time.perf_counter() - te
+                runs += 1
         if not cut:
             text += detok.flush()
             if len(text) > emitted:
                 yield text[emitted:]
         t2 = time.perf_counter()
         self.ctx.finish_reason = finish
-        self.ctx.timings = dict(prompt_tokens=len(ids), prompt_s=t1 - t0, gen_tokens=n_gen, gen_s=t2 - t1)
+        self.ctx.timings = dict(prompt_tokens=len(ids), prompt_s=t1 - t0, gen_tokens=n_gen, gen_s=t2 - t1,
+                                eval_runs=runs, eval_s=eval_s)
 
     def create_completion(self, prompt: str, max_tokens: int | None = 16, stream: bool = False,
                           **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:

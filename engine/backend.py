@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numba
 import numpy as np
 
-from hotcold.quant import dequantize_rows, int8
+from hotcold.quant import QType, dequantize_rows, int8
 from hotcold.quant.kernels import MATMUL, MATVEC
 
 from . import kernels
@@ -174,6 +174,7 @@ class Backend(ABC):
 
 
 _ONE = np.ones((), dtype=np.float32)
+SMALL_ROWS = 256  # F32 matrices with at most this many rows take the serial kernel (routers)
 
 
 class CpuBackend(Backend):
@@ -224,7 +225,9 @@ class CpuBackend(Backend):
                 int8.product(w.kernel_view, w.qtype, x, out)                 # integer dot products
                 return
             x = x.x
-        if x.shape[0] == 1:
+        if w.qtype == QType.F32 and w.rows <= SMALL_ROWS:
+            kernels.small_matmul(x, w.kernel_view, out)                     # routers, shared-expert gates
+        elif x.shape[0] == 1:
             MATVEC[w.qtype](w.kernel_view, x[0], out[0])
         elif x.shape[0]:
             MATMUL[w.qtype](w.kernel_view, x, out)

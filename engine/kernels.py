@@ -20,7 +20,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from hotcold.quant.fp import bits_f32, f32_to_f16
+from hotcold.quant.fp import bits_f32, f32_bits, f32_to_f16, nearest_int
 from hotcold.quant.kernels import _f16_bits_to_f32, _stack
 
 F32 = np.float32
@@ -144,7 +144,16 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarra
 
 @njit(cache=True, inline="always")
 def _round_f16(x: np.float32) -> np.float32:
-    return _f16_bits_to_f32(f32_to_f16(x))
+    """The float32 value of fp16(x), round to nearest even, without branches (so it vectorises): mantissa
+    rounded to 10 bits for normal fp16 values, to multiples of 2^-24 below 2^-14 (fp16 subnormals); values
+    beyond fp16's range (|x| >= 65520) become infinite as the conversion makes them."""
+    u = f32_bits(x)
+    a = u & np.uint32(0x7FFFFFFF)
+    normal = bits_f32((u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000))
+    tiny = np.float32(nearest_int(bits_f32(a) * F32(16777216.0))) * F32(5.9604645e-08)
+    tiny = bits_f32(f32_bits(tiny) | (u & np.uint32(0x80000000)))
+    r = tiny if a < np.uint32(0x38800000) else normal
+    return r if a < np.uint32(0x477FF000) else (F32(np.inf) if x > 0 else F32(-np.inf))
 
 
 @njit(cache=True, parallel=True, fastmath=_ATT_MATH)
@@ -198,13 +207,15 @@ def silu_mul(g: np.ndarray, u: np.ndarray) -> None:
             gr[i] = gr[i] / (F32(1) + math.exp(-gr[i])) * ur[i]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _softmax(x: np.ndarray, out: np.ndarray) -> None:
     """ggml_soft_max on one row, as ggml-cpu's AVX512 code runs it: exp by v_expf in chunks of 16 (each
     chunk summed as _mm512_reduce_add_ps pairs its lanes), libm expf for the rest, the sum in float64, then
     every value times the float32 reciprocal of the sum."""
-    m = x.max()
     n = x.shape[0]
+    m = x[0]
+    for i in range(1, n):
+        m = max(m, x[i])
     simd = n - n % 16
     total = 0.0
     for c in range(0, simd, 16):
@@ -282,3 +293,15 @@ def scatter_add_block(out: np.ndarray, w: np.ndarray, y: np.ndarray) -> None:
     for i in range(y.shape[0]):
         for j in range(y.shape[1]):
             out[i, j] += w[i] * y[i, j]
+
+
+@njit(cache=True, fastmath={"contract", "reassoc"})
+def small_matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """out (T, E) = x (T, n) @ w.T for a small float32 w (E, n): routers, whose products are tiny next to a
+    layer's (one serial call, quick to compile)."""
+    for t in range(x.shape[0]):
+        for e in range(w.shape[0]):
+            acc = F32(0)
+            for i in range(x.shape[1]):
+                acc += x[t, i] * w[e, i]
+            out[t, e] = acc

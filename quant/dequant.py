@@ -6,6 +6,8 @@ code (which mirrors `dequantize_row_*` in ggml-quants.c), so results agree to th
 from __future__ import annotations
 
 import numpy as np
+from typing import Callable
+
 from numba import njit, prange
 
 from .fp import F16_TO_F32, bits_f32, e8m0_to_f32_half
@@ -247,18 +249,106 @@ def _dequant_blocks(raw: np.ndarray, out: np.ndarray, code: int, ts: int, bs: in
         _dq_block(code, raw[i * ts:(i + 1) * ts], out[i * bs:(i + 1) * bs])
 
 
-@njit(cache=True)
-def _dequant_rows(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, code: int, ts: int, bs: int) -> None:
+@njit(cache=True, inline="always")
+def _rows(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int, dq: Callable) -> None:
     for t in range(ids.shape[0]):
         r = ids[t]
         if r < 0 or r >= raw.shape[0]:
             raise IndexError("row index out of range")
         for i in range(out.shape[1] // bs):
-            _dq_block(code, raw[r, i * ts:(i + 1) * ts], out[t, i * bs:(i + 1) * bs])
+            dq(raw[r, i * ts:(i + 1) * ts], out[t, i * bs:(i + 1) * bs])
+
+
+# One row kernel per type (an embedding lookup compiles its own type's decoder only).
+@njit(cache=True)
+def _rows_f32(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_f32)
+
+
+@njit(cache=True)
+def _rows_f16(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_f16)
+
+
+@njit(cache=True)
+def _rows_bf16(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_bf16)
+
+
+@njit(cache=True)
+def _rows_q4_0(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_q4_0)
+
+
+@njit(cache=True)
+def _rows_q4_1(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_q4_1)
+
+
+@njit(cache=True)
+def _rows_q5_0(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_q5_0)
+
+
+@njit(cache=True)
+def _rows_q5_1(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_q5_1)
+
+
+@njit(cache=True)
+def _rows_q8_0(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_q8_0)
+
+
+@njit(cache=True)
+def _rows_q2_k(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_q2_k)
+
+
+@njit(cache=True)
+def _rows_q3_k(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_q3_k)
+
+
+@njit(cache=True)
+def _rows_q4_k(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_q4_k)
+
+
+@njit(cache=True)
+def _rows_q5_k(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_q5_k)
+
+
+@njit(cache=True)
+def _rows_q6_k(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_q6_k)
+
+
+@njit(cache=True)
+def _rows_q8_k(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_q8_k)
+
+
+@njit(cache=True)
+def _rows_iq4_nl(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_iq4_nl)
+
+
+@njit(cache=True)
+def _rows_mxfp4(raw: np.ndarray, ids: np.ndarray, out: np.ndarray, ts: int, bs: int) -> None:
+    _rows(raw, ids, out, ts, bs, dq_mxfp4)
 
 
 def dequantize_flat(raw: np.ndarray, qtype: QType) -> np.ndarray:
-    """Dequantize a flat uint8 buffer of whole blocks into a new flat float32 array."""
+    """Dequantize a flat uint8 buffer of whole blocks into a new flat float32 array (the float types by
+    numpy: exact, and nothing to compile for a model's norms and routers)."""
+    if qtype == QType.F32:
+        return raw.view("<f4").astype(np.float32)
+    if qtype == QType.F16:
+        return raw.view("<f2").astype(np.float32)
+    if qtype == QType.BF16:
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
     ts, bs = type_size(qtype), block_size(qtype)
     if bs == 1 and raw.size % (ts * 256) == 0:
         ts, bs = ts * 256, 256  # group scalars so each parallel task does real work
@@ -273,5 +363,8 @@ def dequantize_rows(raw: np.ndarray, qtype: QType, ids: np.ndarray, out: np.ndar
     ts, bs = type_size(qtype), block_size(qtype)
     if bs == 1:
         ts, bs = ts * out.shape[1], out.shape[1]  # a float row is one "block"
-    _dequant_rows(raw, ids, out, _CODE[qtype], ts, bs)
+    _ROWS[qtype](raw, ids, out, ts, bs)
     return out
+
+
+_ROWS = {t: globals()[f"_rows_{t.name.lower()}"] for t in _ORDER}
