@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
 import sys
 import time
 import uuid
@@ -19,6 +20,7 @@ import numpy as np
 from gguf import Keys
 
 from hotcold.keys import cold_path_for
+from hotcold.quant import QType
 
 from .backend import Backend, CpuBackend
 from .chat import ChatTemplate
@@ -26,6 +28,7 @@ from .context import Context
 from .experts.cache import ExpertCache
 from .experts.cold import cold_experts, open_cold
 from .experts.rules import MissMode
+from .config import CacheType
 from .gguf_file import GGUFFile
 from .model import Transformer
 from .options import Device, Options
@@ -68,6 +71,7 @@ class Model:
         if opt.n_threads is not None:
             numba.set_num_threads(opt.n_threads)
         self.file = GGUFFile(self.path)
+        self._helper = self._start_precompile(opt)
         if self.file.size < 0.9 * available_memory():
             self.file.prefault()   # page faults at load, not during the first tokens (llama.cpp copies at load)
         self.metadata: dict[str, Any] = self.file.metadata
@@ -89,6 +93,17 @@ class Model:
         store, so that no expert moves into an arena; the context is left empty."""
         if kernels_uncached():
             print("compiling kernels (first run only)", file=sys.stderr, flush=True)
+        if self._helper is not None:   # this process's part, then the helper's from the cache
+            from . import precompile
+            helper, self._helper = self._helper, None
+            try:
+                precompile.compile_all(self._precompile[0])
+            finally:
+                try:
+                    helper.wait(timeout=600)
+                except subprocess.TimeoutExpired:   # whatever it has not cached, the warm-up compiles
+                    helper.kill()
+                    helper.wait()
         ctx, store = self.ctx, self.ctx.experts
         bos = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
         ctx.experts = self.model.experts
@@ -99,6 +114,18 @@ class Model:
         finally:
             ctx.experts = store
             ctx.seek(0)
+
+    def _start_precompile(self, opt: Options) -> Any:
+        """On a first run on the CPU, a second process compiling the kernels from the other end (precompile.py)."""
+        if opt.device != Device.CPU or not kernels_uncached() or numba.config.NUMBA_NUM_THREADS < 2:
+            return None
+        from . import precompile
+        types = [t.qtype for t in self.file.tensors.values() if len(t.shape) >= 2 and t.name != "token_embd.weight"
+                 and "_gate_inp" not in t.name]                                  # routers: small_matmul
+        embd = self.file.tensors.get("token_embd.weight")
+        args = (types, embd.qtype if embd is not None else QType.F32, opt.type_k == CacheType.F16)
+        self._precompile = precompile.signatures(*args)
+        return precompile.start(*args)
 
     def _backend(self, opt: Options) -> Backend:
         if opt.device != Device.CUDA:
