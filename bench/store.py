@@ -5,7 +5,7 @@ misses, no ERAS): the same greedy generation in fresh processes, alternating, me
 100% every expert is copied into the arena once (during the warm-up) and then hit; at 25% misses copy
 experts in and evict, which is real work (bytes moved per token are printed).
 
-    python bench/store.py [--decode 128] [--reps 3] [--gb 1.0]
+    python bench/store.py [--decode 128] [--reps 5] [--gb 1.0]
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ print("RESULT", json.dumps([t["gen_tokens"] / t["gen_s"], s["bytes_moved"] / max
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decode", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5, help="runs of each configuration, alternating (this VM varies +-20%%)")
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()

@@ -174,6 +174,8 @@ class Backend(ABC):
 
 
 _ONE = np.ones((), dtype=np.float32)
+import os
+_FUSE = not os.environ.get('AB_OFF')
 SMALL_ROWS = 256  # F32 matrices with at most this many rows take the serial kernel (routers)
 
 
@@ -261,6 +263,15 @@ class CpuBackend(Backend):
 
     def silu_mul(self, g: np.ndarray, u: np.ndarray) -> None:
         kernels.silu_mul(g, u)
+
+    def glu(self, e: Expert, x: Any, scratch: "FFNScratch", out: np.ndarray, act: Activation) -> None:
+        t = e.gate.qtype
+        if _FUSE and act is Activation.SILU and isinstance(x, int8.Acts) and x.rows == 1 and e.up.qtype == t and t in int8.GLU:
+            g, _ = scratch.ff(1, e.gate.rows)
+            int8.swiglu_product(e.gate.kernel_view, e.up.kernel_view, t, x, g)   # (1, n_ff) in one pass
+            self.matmul(e.down, self.acts(g, scratch.g_acts), out)             # (1, n_embd)
+            return
+        super().glu(e, x, scratch, out, act)
 
     def zero(self, x: np.ndarray) -> None:
         x.fill(0)

@@ -452,3 +452,18 @@ def _make_legacy_block(ntok: int, q4: bool) -> Any:
 
 q8_0_block1, q8_0_block4 = _make_legacy_block(1, False), _make_legacy_block(4, False)
 q4_0_block1, q4_0_block4 = _make_legacy_block(1, True), _make_legacy_block(4, True)
+
+
+@intrinsic
+def prefetch(typingctx: Any, w: Any, off: Any) -> Any:
+    """Ask for the cache line holding byte `off` of w's data (llvm.prefetch: read, keep in all levels); past the
+    end is harmless (a prefetch never faults)."""
+    sig = types.void(w, off)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        p = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        fn = _fn(builder, "llvm.prefetch.p0i8", ir.VoidType(), [p.type, _I32, _I32, _I32])
+        builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+    return sig, codegen

@@ -44,6 +44,25 @@ def test_products_equal_the_quantized_operands_product(t: QType, rows: int, T: i
     assert (np.abs(out - ref) <= 1e-6 * scale).all()
 
 
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(sorted(int8.GLU, key=lambda t: t.name)), st.integers(1, 40), st.integers(1, 3),
+       st.integers(0, 2**31))
+def test_fused_swiglu_equals_two_products_then_silu(t: QType, rows: int, blocks: int, seed: int) -> None:
+    """The decode GLU kernel (gate and up in one pass, SiLU applied in it) gives the bits of product, product,
+    silu_mul: rows on both sides of the 16-row SIMD boundary, large and small gate values."""
+    from hotcold.engine.kernels import silu_mul
+    rng = np.random.default_rng(seed)
+    n = 256 * blocks
+    wg, wu = (quantize(rng.standard_normal((rows, n)).astype(np.float32), t) for _ in range(2))
+    a = int8.Acts(1, n).bind((rng.standard_normal((1, n)) * rng.uniform(0.01, 3)).astype(np.float32))
+    g, u, fused = (np.full((1, rows), np.nan, np.float32) for _ in range(3))
+    int8.product(wg, t, a, g)
+    int8.product(wu, t, a, u)
+    silu_mul(g, u)
+    int8.swiglu_product(wg, wu, t, a, fused)
+    assert np.array_equal(fused.view(np.uint32), g.view(np.uint32))
+
 def test_zero_blocks_quantize_to_zero() -> None:
     x = np.zeros((2, 512), np.float32)
     x[1, 300] = 3.0

@@ -119,6 +119,12 @@ class ExpertCache:
             act[e] += 1
         if self._predicted[layer] is not None:
             self._score_prediction(layer, routing.experts)
+        found = [self.arena.experts.get((layer, e)) for e in ids]
+        if None not in found:                                                # all hits: hot, nothing moves
+            st.hits += len(ids)
+            for e in sorted(ids):
+                self.policy.use((layer, e), hit=True)
+            return Plan(dict(zip(ids, found)), w)
         resident = self.arena.slot_of
         hit = [(layer, e) in resident for e in ids]
         tiers = [Tier.HOT] * len(ids) if self.opt.miss == MissMode.HOT else self._tiers(w)[0].tolist()
