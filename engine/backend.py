@@ -174,8 +174,6 @@ class Backend(ABC):
 
 
 _ONE = np.ones((), dtype=np.float32)
-import os
-_FUSE = not os.environ.get('AB_OFF')
 SMALL_ROWS = 256  # F32 matrices with at most this many rows take the serial kernel (routers)
 
 
@@ -266,9 +264,9 @@ class CpuBackend(Backend):
 
     def glu(self, e: Expert, x: Any, scratch: "FFNScratch", out: np.ndarray, act: Activation) -> None:
         t = e.gate.qtype
-        if _FUSE and act is Activation.SILU and isinstance(x, int8.Acts) and x.rows == 1 and e.up.qtype == t and t in int8.GLU:
-            g, _ = scratch.ff(1, e.gate.rows)
-            int8.swiglu_product(e.gate.kernel_view, e.up.kernel_view, t, x, g)   # (1, n_ff) in one pass
+        if act is Activation.SILU and isinstance(x, int8.Acts) and x.rows == 1 and e.up.qtype == t and t in int8.GLU:
+            g, u = scratch.ff(1, e.gate.rows)
+            int8.swiglu_product(e.gate.kernel_view, e.up.kernel_view, t, x, g, u)   # (1, n_ff) in one pass
             self.matmul(e.down, self.acts(g, scratch.g_acts), out)             # (1, n_embd)
             return
         super().glu(e, x, scratch, out, act)

@@ -17,7 +17,7 @@ from typing import Callable
 
 from hotcold.quant.fp import bits_f32, f32_bits, f32_to_f16, nearest_int
 from hotcold.quant.kernels import _f16_bits_to_f32, _stack
-from hotcold.quant.vec import v_expf
+from hotcold.quant.vec import silu_mul, v_expf  # silu_mul: ggml's SwiGLU, shared with quant.int8
 
 F32 = np.float32
 
@@ -147,21 +147,6 @@ def store_f16(src: np.ndarray, dst: np.ndarray) -> None:
     sf, df = src.reshape(-1), dst.reshape(-1)
     for i in range(sf.shape[0]):
         df[i] = f32_to_f16(sf[i])
-
-
-@njit(cache=True, error_model="numpy")   # IEEE division (no zero check), so that the loop vectorises
-def silu_mul(g: np.ndarray, u: np.ndarray) -> None:
-    """g = silu(g) * u in place (SwiGLU's gate), as ggml_vec_swiglu_f32: g / (1 + v_expf(-g)) * u over each
-    row's chunks of 16, the last n % 16 with libm's expf."""
-    n = g.shape[g.ndim - 1]
-    gf, uf = g.reshape(-1), u.reshape(-1)
-    simd = n - n % 16
-    for r in range(gf.shape[0] // n):
-        gr, ur = gf[r * n:(r + 1) * n], uf[r * n:(r + 1) * n]
-        for i in range(simd):
-            gr[i] = gr[i] / (F32(1) + v_expf(F32(0) - gr[i])) * ur[i]
-        for i in range(simd, n):
-            gr[i] = gr[i] / (F32(1) + math.exp(-gr[i])) * ur[i]
 
 
 @njit(cache=True)

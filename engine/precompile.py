@@ -30,7 +30,7 @@ _KERNEL_VIEW = {QType.F32: _F32, QType.F16: _U16, QType.BF16: _U16}  # quant.ker
 def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool) -> tuple[list, list]:
     """(kernel, argument types) for every kernel a CPU forward pass calls, in two parts of about equal compile
     time: the loading process's and the helper's."""
-    from hotcold.quant import dequant, int8, vec
+    from hotcold.quant import dequant, int8
     from hotcold.quant.kernels import MATMUL, MATVEC
 
     from . import kernels
@@ -59,9 +59,7 @@ def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool) -> tupl
         theirs.append((kernels.store_f16, (f2, kv)))
     glu = [t for t in dict.fromkeys(weight_types) if t in int8.GLU]
     w = _a(_U8, 2, True)
-    theirs += [(int8.GLU[t], (w, w, _a(_I8, 2), f2, _a(_I32, 2), f2)) for t in glu]
-    if glu:
-        theirs.append((vec.swiglu, (nt.float32, nt.float32, nt.boolean)))
+    theirs += [(int8.GLU[t], (w, w, _a(_I8, 2), f2, _a(_I32, 2), f2, f2)) for t in glu]
     return mine, theirs
 
 

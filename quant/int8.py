@@ -24,7 +24,7 @@ from .kernels import _stack
 from .fp import F16_TO_F32
 from .kquants import _signed_absmax
 from .types import QType
-from .vec import swiglu
+from .vec import silu_mul
 
 F32, I32, U8, U64 = np.float32, np.int32, np.uint8, np.uint64
 MR = 4   # weight rows per matmul tile
@@ -225,13 +225,13 @@ def _mv_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.nd
 
 
 @njit(cache=True, inline="always")
-def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray, ts: int,
-            bpb: int, block1: Callable, qk: int = 256) -> None:
-    """out[0, r] = swiglu(row r of wg . x, row r of wu . x) for the activation row x: SwiGLU's gate and up in one
-    pass, each sum in the order _mv_k takes (the same values), the activation block read once for both rows."""
-    nb, rb, n = wg.shape[1] // ts, wg.shape[1], wg.shape[0]
-    simd_rows = n - n % 16                                   # ggml_vec_swiglu_f32's SIMD part
-    for r in prange(n):
+def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray, u: np.ndarray,
+            ts: int, bpb: int, block1: Callable, qk: int = 256) -> None:
+    """g[0] = silu(wg . x) * (wu . x) for the activation row x: SwiGLU's gate and up in one parallel pass (each sum
+    in _mv_k's order: the same values), then ggml's SwiGLU over the row once (a call per row costs more than
+    the row's dot products)."""
+    nb, rb = wg.shape[1] // ts, wg.shape[1]
+    for r in prange(wg.shape[0]):
         accf = _stack(16, F32)
         for l in range(16):
             accf[l] = 0
@@ -241,7 +241,9 @@ def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.
             _prefetch(wu, o, ts)
             block1(accf, 0, wg, o, q, k * qk, 0, b, k * bpb, 0, d, k, 0)
             block1(accf, 8, wu, o, q, k * qk, 0, b, k * bpb, 0, d, k, 0)
-        out[0, r] = swiglu(simd.hsum(accf, 0), simd.hsum(accf, 8), r < simd_rows)
+        g[0, r] = simd.hsum(accf, 0)
+        u[0, r] = simd.hsum(accf, 8)
+    silu_mul(g, u)
 
 
 @njit(cache=True, inline="always")
@@ -321,28 +323,33 @@ def mm_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.
 # ---- SwiGLU's gate and up against one activation row ----
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_glu_q4_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, out, 144, 8, simd.q4_k_block1)
+def mv_glu_q4_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
+              u: np.ndarray) -> None:
+    _mv_glu(wg, wu, q, d, b, g, u, 144, 8, simd.q4_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_glu_q5_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, out, 176, 8, simd.q5_k_block1)
+def mv_glu_q5_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
+              u: np.ndarray) -> None:
+    _mv_glu(wg, wu, q, d, b, g, u, 176, 8, simd.q5_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_glu_q6_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, out, 210, 16, simd.q6_k_block1)
+def mv_glu_q6_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
+              u: np.ndarray) -> None:
+    _mv_glu(wg, wu, q, d, b, g, u, 210, 16, simd.q6_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_glu_q8_0(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, out, 34, 1, simd.q8_0_block1, 32)
+def mv_glu_q8_0(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
+              u: np.ndarray) -> None:
+    _mv_glu(wg, wu, q, d, b, g, u, 34, 1, simd.q8_0_block1, 32)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_glu_q4_0(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, out, 18, 1, simd.q4_0_block1, 32)
+def mv_glu_q4_0(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
+              u: np.ndarray) -> None:
+    _mv_glu(wg, wu, q, d, b, g, u, 18, 1, simd.q4_0_block1, 32)
 
 
 # ---- dispatch ----
@@ -367,7 +374,8 @@ def product(w: np.ndarray, qtype: QType, a: Acts, out: np.ndarray) -> None:
     (mv if a.rows == 1 else mm)(w, *a.operands(qtype), out)
 
 
-def swiglu_product(wg: np.ndarray, wu: np.ndarray, qtype: QType, a: Acts, out: np.ndarray) -> None:
-    """out (1, rows) = silu(x . wg.T) * (x . wu.T) for the one activation row bound to `a` (ggml_vec_swiglu_f32's
-    values, as product then silu_mul give them); `qtype`, both matrices', must be in GLU."""
-    GLU[qtype](wg, wu, *a.operands(qtype), out)
+def swiglu_product(wg: np.ndarray, wu: np.ndarray, qtype: QType, a: Acts, g: np.ndarray, u: np.ndarray) -> None:
+    """g (1, rows) = silu(x . wg.T) * (x . wu.T) for the one activation row bound to `a`, u (1, rows) its room for
+    the up product (ggml_vec_swiglu_f32's values, as product then silu_mul give them); `qtype`, both
+    matrices', must be in GLU."""
+    GLU[qtype](wg, wu, *a.operands(qtype), g, u)

@@ -1,4 +1,4 @@
-"""ggml-cpu's vec.h float steps that kernels share: exp as ggml_v_expf computes it, and SwiGLU's value.
+"""ggml-cpu's vec.h float steps that kernels share: exp as ggml_v_expf computes it, and SwiGLU (ggml_vec_swiglu_f32).
 
 Reproducing them step for step (single-rounding FMAs where ggml has them, none where it has none) is what keeps
 hotcold's softmax and SiLU values equal to llama.cpp's; the kernels that call them are compiled without
@@ -59,10 +59,16 @@ def v_expf(x: np.float32) -> np.float32:
     return res
 
 
-@njit(cache=True, error_model="numpy")   # IEEE division, no zero check
-def swiglu(g: np.float32, u: np.float32, simd: bool) -> np.float32:
-    """silu(g) * u as ggml_vec_swiglu_f32 computes one element: g / (1 + v_expf(-g)) * u in its SIMD chunks of 16
-    (`simd`), libm's expf for a row's last n % 16."""
-    if simd:
-        return g / (F32(1) + v_expf(F32(0) - g)) * u
-    return g / (F32(1) + math.exp(-g)) * u
+@njit(cache=True, error_model="numpy")   # IEEE division (no zero check), so that the loop vectorises
+def silu_mul(g: np.ndarray, u: np.ndarray) -> None:
+    """g = silu(g) * u in place (SwiGLU's gate), as ggml_vec_swiglu_f32: g / (1 + v_expf(-g)) * u over each
+    row's chunks of 16, the last n % 16 with libm's expf."""
+    n = g.shape[g.ndim - 1]
+    gf, uf = g.reshape(-1), u.reshape(-1)
+    simd = n - n % 16
+    for r in range(gf.shape[0] // n):
+        gr, ur = gf[r * n:(r + 1) * n], uf[r * n:(r + 1) * n]
+        for i in range(simd):
+            gr[i] = gr[i] / (F32(1) + v_expf(F32(0) - gr[i])) * ur[i]
+        for i in range(simd, n):
+            gr[i] = gr[i] / (F32(1) + math.exp(-gr[i])) * ur[i]
