@@ -220,9 +220,10 @@ class CpuBackend(Backend):
         dequantize_rows(table.raw, table.qtype, ids, out)
 
     def matmul(self, w: QMatrix, x: Any, out: np.ndarray) -> None:
-        if isinstance(x, int8.Acts):
-            if w.qtype in int8.KERNELS:
-                int8.product(w.kernel_view, w.qtype, x, out)                 # integer dot products
+        if type(x) is int8.Acts:
+            k = int8.KERNELS.get(w.qtype)
+            if k is not None:                                                # integer dot products
+                (k[1] if x.rows == 1 else k[2])(w.kernel_view, *x.operands(w.qtype), out)
                 return
             x = x.x
         if w.qtype == QType.F32 and w.rows <= SMALL_ROWS:
@@ -240,8 +241,12 @@ class CpuBackend(Backend):
         kernels.rope(x, pos, cos, sin, neox)
 
     def store_kv(self, kv: Any, layer: int, p0: int, k: np.ndarray, v: np.ndarray) -> None:
+        kc, vc = kv.k[layer], kv.v[layer]
+        if kc.dtype == np.uint16 and vc.dtype == np.uint16:
+            kernels.store_kv_f16(k, v, kc, vc, p0)
+            return
         T = k.shape[0]
-        for src, dst in ((k, kv.k[layer, p0:p0 + T]), (v, kv.v[layer, p0:p0 + T])):
+        for src, dst in ((k, kc[p0:p0 + T]), (v, vc[p0:p0 + T])):
             if dst.dtype == np.uint16:
                 kernels.store_f16(src, dst)
             else:
@@ -266,7 +271,7 @@ class CpuBackend(Backend):
         t = e.gate.qtype
         if act is Activation.SILU and isinstance(x, int8.Acts) and x.rows == 1 and e.up.qtype == t and t in int8.GLU:
             g, u = scratch.ff(1, e.gate.rows)
-            int8.swiglu_product(e.gate.kernel_view, e.up.kernel_view, t, x, g, u)   # (1, n_ff) in one pass
+            int8.GLU[t](e.gate.kernel_view, e.up.kernel_view, *x.operands(t), g, u)   # (1, n_ff) in one pass
             self.matmul(e.down, self.acts(g, scratch.g_acts), out)             # (1, n_embd)
             return
         super().glu(e, x, scratch, out, act)

@@ -56,9 +56,14 @@ class FFNScratch:
         self.u = be.empty(n * n_ff, np.float32, what)
         self.xs_acts = be.new_acts(n, n_embd)                # the gathered rows as a matrix input
         self.g_acts = be.new_acts(n, n_ff)                   # silu(gate) * up as down's input
+        self._views: dict[tuple[int, int], tuple[Any, Any]] = {}
 
     def ff(self, n: int, n_ff: int) -> tuple[Any, Any]:
-        return self.g[:n * n_ff].reshape(n, n_ff), self.u[:n * n_ff].reshape(n, n_ff)
+        """(n, n_ff) views of the gate and up buffers, made once per shape (decode asks for the same one)."""
+        v = self._views.get((n, n_ff))
+        if v is None:
+            v = self._views[(n, n_ff)] = self.g[:n * n_ff].reshape(n, n_ff), self.u[:n * n_ff].reshape(n, n_ff)
+        return v
 
 
 class RunState:

@@ -150,6 +150,15 @@ def store_f16(src: np.ndarray, dst: np.ndarray) -> None:
 
 
 @njit(cache=True)
+def store_kv_f16(k: np.ndarray, v: np.ndarray, kc: np.ndarray, vc: np.ndarray, p0: int) -> None:
+    """A layer's fp16 caches kc, vc (n_ctx, n_head_kv, head_dim) at positions p0.. = new keys, values k, v
+    (T, n_head_kv * head_dim): both in one call (decode is one row each)."""
+    T = k.shape[0]
+    store_f16(k, kc[p0:p0 + T])
+    store_f16(v, vc[p0:p0 + T])
+
+
+@njit(cache=True)
 def _softmax(x: np.ndarray, out: np.ndarray) -> None:
     """ggml_soft_max on one row, as ggml-cpu's AVX512 code runs it: exp by v_expf in chunks of 16 (each
     chunk summed as _mm512_reduce_add_ps pairs its lanes), libm expf for the rest, the sum in float64, then

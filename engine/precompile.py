@@ -56,7 +56,7 @@ def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool) -> tupl
               (kernels.route_softmax_topk, (f2, _I64, nt.boolean, f1, f1, _a(_I64, 2), f2, f2)),
               (kernels.silu_mul, (f2, f2))]
     if kv_f16:
-        theirs.append((kernels.store_f16, (f2, kv)))
+        theirs += [(kernels.store_f16, (f2, kv)), (kernels.store_kv_f16, (f2, f2, kv, kv, _I64))]
     glu = [t for t in dict.fromkeys(weight_types) if t in int8.GLU]
     w = _a(_U8, 2, True)
     theirs += [(int8.GLU[t], (w, w, _a(_I8, 2), f2, _a(_I32, 2), f2, f2)) for t in glu]
