@@ -256,3 +256,13 @@ def small_matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
             for i in range(x.shape[1]):
                 acc += x[t, i] * w[e, i]
             out[t, e] = acc
+
+
+@njit(cache=True, parallel=True)
+def copy_parallel(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[:] = src for equal-sized C-contiguous byte arrays, in 16 KiB chunks over the threads: an expert
+    load into an arena slot is a copy large enough for two cores to move faster than one."""
+    d, s = dst.reshape(-1), src.reshape(-1)
+    n, c = s.shape[0], 16384
+    for i in prange((n + c - 1) // c):
+        d[i * c:min(n, (i + 1) * c)] = s[i * c:min(n, (i + 1) * c)]

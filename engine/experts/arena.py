@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..kernels import copy_parallel
 from ..weights import QMatrix
 from .expert import DONE, Expert
 from .policies import Key
@@ -25,19 +26,27 @@ class Arena:
         self.slot_of: dict[Key, int] = {}
         self.experts: dict[Key, Expert] = {}
         self.mask = np.zeros((n_layer, max(n_expert, 1)), dtype=bool)  # (layer, expert) is resident
+        self._views: dict[tuple[int, Any], Expert] = {}                # (slot, layout) -> the slot as an Expert
+        if n_slots > 0 and type(self)._place is Arena._place:
+            _warm_copy()                                               # compiled at load, not in the first prompt
 
     def _allocate(self, n_slots: int, slot_bytes: int) -> Any:
         return np.empty((n_slots, slot_bytes), dtype=np.uint8)
 
     def _place(self, slot: int, src: Expert) -> Expert:
-        """Copy `src`'s three matrices into `slot`; the returned Expert views the slot (the copy is done)."""
-        mats, off = [], 0
-        for m in (src.gate, src.up, src.down):
-            view = self.buf[slot, off:off + m.raw.nbytes].reshape(m.raw.shape)
-            np.copyto(view, m.raw)
-            mats.append(QMatrix(view, m.qtype, m.rows, m.cols))
-            off += m.raw.nbytes
-        return Expert(*mats, ready=DONE)
+        """Copy `src`'s three matrices into `slot`; the returned Expert views the slot (the copy is done). The
+        views of a slot are made once per layout (every expert of a layer shares one)."""
+        layout = tuple((m.qtype, m.rows, m.cols, m.raw.shape) for m in (src.gate, src.up, src.down))
+        view = self._views.get((slot, layout))
+        if view is None:
+            mats, off = [], 0
+            for m in (src.gate, src.up, src.down):
+                mats.append(QMatrix(self.buf[slot, off:off + m.raw.nbytes].reshape(m.raw.shape), m.qtype, m.rows, m.cols))
+                off += m.raw.nbytes
+            view = self._views[(slot, layout)] = Expert(*mats, ready=DONE)
+        for m, dst in zip((src.gate, src.up, src.down), (view.gate, view.up, view.down)):
+            copy_parallel(dst.raw, m.raw)
+        return view
 
     @property
     def n_slots(self) -> int:
@@ -74,3 +83,10 @@ class Arena:
         self.free.append(self.slot_of.pop(key))
         self.mask[key] = False
         del self.experts[key]
+
+
+def _warm_copy() -> None:
+    """The slot copy's one specialisation (file bytes, read-only, into a slot) compiled or loaded now."""
+    src = np.zeros((1, 1), dtype=np.uint8)
+    src.flags.writeable = False
+    copy_parallel(np.zeros((1, 1), dtype=np.uint8), src)
