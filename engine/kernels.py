@@ -259,10 +259,19 @@ def small_matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True, parallel=True)
-def copy_parallel(dst: np.ndarray, src: np.ndarray) -> None:
-    """dst[:] = src for equal-sized C-contiguous byte arrays, in 16 KiB chunks over the threads: an expert
-    load into an arena slot is a copy large enough for two cores to move faster than one."""
-    d, s = dst.reshape(-1), src.reshape(-1)
-    n, c = s.shape[0], 16384
-    for i in prange((n + c - 1) // c):
-        d[i * c:min(n, (i + 1) * c)] = s[i * c:min(n, (i + 1) * c)]
+def copy_expert(dst: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> None:
+    """dst (1-d bytes) = gate, up, down one after the other, in 16 KiB chunks over the threads: an expert load into
+    an arena slot is a copy large enough for two cores to move faster than one, and one call launches once."""
+    g, u, dn = gate.reshape(-1), up.reshape(-1), down.reshape(-1)
+    c, ng, nu = 16384, g.shape[0], u.shape[0]
+    cg, cu = (ng + c - 1) // c, (nu + c - 1) // c
+    for i in prange(cg + cu + (dn.shape[0] + c - 1) // c):
+        if i < cg:
+            dst[i * c:min(ng, (i + 1) * c)] = g[i * c:min(ng, (i + 1) * c)]
+        elif i < cg + cu:
+            j = i - cg
+            dst[ng + j * c:ng + min(nu, (j + 1) * c)] = u[j * c:min(nu, (j + 1) * c)]
+        else:
+            j = i - cg - cu
+            n = dn.shape[0]
+            dst[ng + nu + j * c:ng + nu + min(n, (j + 1) * c)] = dn[j * c:min(n, (j + 1) * c)]

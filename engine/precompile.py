@@ -41,7 +41,7 @@ def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool) -> tupl
                                      (kernels.small_matmul, (f2, _a(_F32, 2, True), f2)),
                                      (kernels.scatter_add, (f2, _a(_I64, 1), f1, f2)),
                                      (kernels.scatter_add_block, (f2, f1, f2)),
-                                     (kernels.copy_parallel, (_a(_U8, 2), _a(_U8, 2, True)))]   # arena loads
+                                     (kernels.copy_expert, (_a(_U8, 1), *[_a(_U8, 2, True)] * 3))]   # arena loads
     quantizers = {QType.Q8_0: (int8.quantize_q8_0, (f2, _a(_I8, 2), f2, _a(_I32, 2))),
                   QType.Q8_K: (int8.quantize_q8_k, (f2, _a(_I8, 2), f2, _a(_I32, 2), _a(_I32, 2)))}
     for t in dict.fromkeys(weight_types):

@@ -111,3 +111,13 @@ def test_silu_mul_and_routing_softmax() -> None:
         p /= p.sum(-1, keepdims=True)
         assert np.array_equal(ids, np.argsort(-p, -1, kind="stable")[:, :2])
         assert np.abs(w - np.take_along_axis(p, ids, -1)).max() <= 1e-6
+
+
+def test_expert_copy_lays_the_three_matrices_out_in_order() -> None:
+    """An arena load (kernels.copy_expert): chunk remainders and matrices of unequal sizes land byte for byte."""
+    rng = np.random.default_rng(3)
+    mats = [rng.integers(0, 256, size=shape, dtype=np.uint8) for shape in ((7, 5000), (3, 16384), (1, 1))]
+    dst = np.zeros(sum(m.size for m in mats) + 5, dtype=np.uint8)
+    kernels.copy_expert(dst, *mats)
+    assert np.array_equal(dst[:-5], np.concatenate([m.ravel() for m in mats]))
+    assert not dst[-5:].any()

@@ -6,11 +6,12 @@ puts the buffer in VRAM by overriding `_allocate` and `_place`.
 """
 from __future__ import annotations
 
+import mmap
 from typing import Any
 
 import numpy as np
 
-from ..kernels import copy_parallel
+from ..kernels import copy_expert
 from ..weights import QMatrix
 from .expert import DONE, Expert
 from .policies import Key
@@ -31,7 +32,17 @@ class Arena:
             _warm_copy()                                               # compiled at load, not in the first prompt
 
     def _allocate(self, n_slots: int, slot_bytes: int) -> Any:
-        return np.empty((n_slots, slot_bytes), dtype=np.uint8)
+        """Anonymous memory asking for transparent huge pages (THP is often `madvise` only): the GEMVs stream
+        slots as they stream the file's mapping, whose page cache the kernel may hold in large folios."""
+        size = n_slots * slot_bytes
+        if size == 0:
+            return np.empty((n_slots, slot_bytes), dtype=np.uint8)
+        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):
+            pass
+        return np.frombuffer(m, dtype=np.uint8).reshape(n_slots, slot_bytes)
 
     def _place(self, slot: int, src: Expert) -> Expert:
         """Copy `src`'s three matrices into `slot`; the returned Expert views the slot (the copy is done). The
@@ -44,8 +55,7 @@ class Arena:
                 mats.append(QMatrix(self.buf[slot, off:off + m.raw.nbytes].reshape(m.raw.shape), m.qtype, m.rows, m.cols))
                 off += m.raw.nbytes
             view = self._views[(slot, layout)] = Expert(*mats, ready=DONE)
-        for m, dst in zip((src.gate, src.up, src.down), (view.gate, view.up, view.down)):
-            copy_parallel(dst.raw, m.raw)
+        copy_expert(self.buf[slot], src.gate.raw, src.up.raw, src.down.raw)
         return view
 
     @property
@@ -86,7 +96,7 @@ class Arena:
 
 
 def _warm_copy() -> None:
-    """The slot copy's one specialisation (file bytes, read-only, into a slot) compiled or loaded now."""
+    """The slot copy's one specialisation (file bytes, read-only, into a slot's bytes) compiled or loaded now."""
     src = np.zeros((1, 1), dtype=np.uint8)
     src.flags.writeable = False
-    copy_parallel(np.zeros((1, 1), dtype=np.uint8), src)
+    copy_expert(np.zeros(3, dtype=np.uint8), src, src, src)
