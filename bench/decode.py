@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -245,7 +246,9 @@ def main() -> None:
             print(row, flush=True)
     if not args.no_start:
         print("\nstart to first token in a fresh process (trained Q8_0), with an empty Numba cache, then warm:")
-        env = dict(os.environ, NUMBA_CACHE_DIR=str(work / "numba-cache"))
+        cache = work / "numba-cache"
+        shutil.rmtree(cache, ignore_errors=True)                            # empty, whatever a run before left
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
         first = files.get("trained-q8_0") or makers["trained-q8_0"](work / "trained-q8_0.gguf")
         for label in ("cold start", "warm start"):
             secs, misses = _run(_START, str(first), env=env).split()
