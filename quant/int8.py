@@ -21,17 +21,14 @@ from numba import njit, prange
 from . import simd
 from .fp import f32_round_f16, nearest_int
 from .kernels import _stack
-from .fp import F16_TO_F32
 from .kquants import _signed_absmax
 from .types import QType
 from .vec import silu_mul
 
-F32, I32, U8, U64 = np.float32, np.int32, np.uint8, np.uint64
+F32 = np.float32
 MR = 4   # weight rows per matmul tile
 MT = 4   # activation rows per matmul tile (unrolled: their accumulators stay in registers)
 LANES = 8 * MT  # accumulator lanes per matmul tile
-CHAINS1 = 32    # a K-quant block's integer sums in four chains of 8 lanes, for one activation row
-CHAINS = 32 * MT  # ... for a tile of MT rows
 PREFETCH = 2048  # bytes ahead a one-row kernel asks for (measured best of 1-4 KiB on a 2-core EPYC: +5-15%)
 
 
@@ -137,50 +134,8 @@ def quantize_q8_0(x: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray) ->
             d[t, k] = f32_round_f16(amax / F32(127.0))
 
 
-# ---- helpers over a weight row given as (w, r, byte offset) ----
-
-@njit(cache=True, inline="always")
-def _u32(w: np.ndarray, r: int, o: int) -> int:
-    return U64(w[r, o]) | (U64(w[r, o + 1]) << U64(8)) | (U64(w[r, o + 2]) << U64(16)) | (U64(w[r, o + 3]) << U64(24))
-
-
-@njit(cache=True, inline="always")
-def _h(w: np.ndarray, r: int, o: int) -> np.float32:
-    """The fp16 at bytes o, o+1 of row r (indexed in place: a row slice would cost a reference count)."""
-    return F16_TO_F32[np.int64(w[r, o]) | (np.int64(w[r, o + 1]) << 8)]
-
-
-@njit(cache=True, inline="always")
-def _k4_scales(w: np.ndarray, r: int, o: int) -> tuple[int, int]:
-    """Q4_K / Q5_K: the eight 6-bit scales and the eight 6-bit mins at bytes o+4..o+16, one per byte of a uint64
-    each (ggml's utmp / kmask unpacking)."""
-    u0, u1, u2 = _u32(w, r, o + 4), _u32(w, r, o + 8), _u32(w, r, o + 12)
-    lo6, lo4, hi2 = U64(0x3F3F3F3F), U64(0x0F0F0F0F), U64(0x30303030)
-    sc = (u0 & lo6) | (((u2 & lo4) | ((u0 >> U64(2)) & hi2)) << U64(32))
-    mn = (u1 & lo6) | ((((u2 >> U64(4)) & lo4) | ((u1 >> U64(2)) & hi2)) << U64(32))
-    return sc, mn
-
-
-@njit(cache=True, inline="always")
-def _byte(v: int, i: int) -> int:
-    return np.int64((v >> U64(8 * i)) & U64(255))
-
-
 # ---- Q4_K x Q8_K ----
 # block_q4_K: d, dmin (fp16), scales[12], qs[128]; byte l of chunk c holds sub-block 2c (low nibble) and 2c+1
-
-@njit(cache=True, inline="always")
-def _q4_k_block(acc: np.ndarray, accm: np.ndarray, accf: np.ndarray, j: int, w: np.ndarray, r: int, o: int,
-                q: np.ndarray, qo: int, b32: np.ndarray, bo: int, dx: float, sc: int, mn: int) -> None:
-    """One block into token j's accumulators: acc[32j:32j+32] (four chains), accm[8j:], accf[8j:]."""
-    base = r * w.shape[1] + o + 16
-    for c in range(4):
-        simd.madd_u4(acc, 32 * j + 8 * c, w, base + 32 * c, 0, q, qo + 64 * c, _byte(sc, 2 * c))
-        simd.madd_u4(acc, 32 * j + 8 * c, w, base + 32 * c, 4, q, qo + 64 * c + 32, _byte(sc, 2 * c + 1))
-    simd.mul_u8x8(accm, 8 * j, mn, b32, bo)
-    simd.fma4_reset(accf, 8 * j, acc, 32 * j, dx * _h(w, r, o))
-    simd.fma_reset(accf, 8 * j, accm, 8 * j, -(dx * _h(w, r, o + 2)))
-
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:

@@ -40,12 +40,6 @@ def _fn(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Type]) -> 
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
 
-def _int(builder: ir.IRBuilder, v: Any, ty: ir.IntType) -> Any:
-    if v.type.width > ty.width:
-        return builder.trunc(v, ty)
-    return builder.zext(v, ty) if v.type.width < ty.width else v
-
-
 def _splat(builder: ir.IRBuilder, vty: ir.VectorType, v: Any) -> Any:
     x = builder.insert_element(ir.Constant(vty, ir.Undefined), v, ir.Constant(_I32, 0))
     return builder.shuffle_vector(x, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_I32, vty.count),
@@ -72,171 +66,6 @@ def _dot_u8s8(builder: ir.IRBuilder, acc: Any, u: Any, s: Any) -> Any:
         return builder.call(_fn(builder, "llvm.x86.avx512.vpdpbusd.256", _D8, [_D8, _D8, _D8]),
                             [acc, builder.bitcast(u, _D8), builder.bitcast(s, _D8)])
     return _madd_acc(builder, acc, _maddubs(builder, u, s), ir.Constant(_W16, [1] * 16))
-
-
-def _load(context: Any, builder: ir.IRBuilder, sig: Any, args: Any, i: int, vty: ir.Type, align: int = 1) -> Any:
-    """Load a `vty` from array argument i at the element offset in argument i + 1."""
-    return builder.load(_ptr(context, builder, sig.args[i], args[i], args[i + 1], vty), align=align)
-
-
-def _acc(context: Any, builder: ir.IRBuilder, sig: Any, args: Any, vty: ir.Type) -> Any:
-    """Pointer to the accumulator (argument 0) at the element offset in argument 1."""
-    return _ptr(context, builder, sig.args[0], args[0], args[1], vty)
-
-
-@intrinsic
-def madd_u4(typingctx: Any, acc: Any, ao: Any, w: Any, wo: Any, shift: Any, q: Any, qo: Any, scale: Any) -> Any:
-    """acc[ao:ao+8] += scale * the 32 products ((w[wo:wo+32] >> shift) & 15) x q[qo:qo+32], pairs summed:
-    one 32-weight sub-block of 4-bit quants (Q4_K) against Q8 activations."""
-    sig = types.void(acc, ao, w, wo, shift, q, qo, scale)
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        pa = _acc(context, builder, sig, args, _D8)
-        wv = _load(context, builder, sig, args, 2, _B32)
-        nib = builder.and_(builder.lshr(wv, _splat(builder, _B32, _int(builder, args[4], _I8))),
-                           ir.Constant(_B32, [15] * 32))
-        p16 = _maddubs(builder, nib, _load(context, builder, sig, args, 5, _B32))
-        r = _madd_acc(builder, builder.load(pa, align=4), p16, _splat(builder, _W16, _int(builder, args[7], _I16)))
-        builder.store(r, pa, align=4)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
-def madd_u5(typingctx: Any, acc: Any, ao: Any, w: Any, wo: Any, shift: Any, h: Any, ho: Any, hshift: Any, q: Any,
-            qo: Any, scale: Any) -> Any:
-    """As madd_u4 for 5-bit quants (Q5_K): the nibble ((w >> shift) & 15) plus bit `hshift` of
-    h[ho:ho+32] as its fifth bit."""
-    sig = types.void(acc, ao, w, wo, shift, h, ho, hshift, q, qo, scale)
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        pa = _acc(context, builder, sig, args, _D8)
-        wv = _load(context, builder, sig, args, 2, _B32)
-        hv = _load(context, builder, sig, args, 5, _B32)
-        nib = builder.and_(builder.lshr(wv, _splat(builder, _B32, _int(builder, args[4], _I8))),
-                           ir.Constant(_B32, [15] * 32))
-        hb = builder.and_(builder.lshr(hv, _splat(builder, _B32, _int(builder, args[7], _I8))),
-                          ir.Constant(_B32, [1] * 32))
-        v = builder.or_(nib, builder.shl(hb, ir.Constant(_B32, [4] * 32)))
-        p16 = _maddubs(builder, v, _load(context, builder, sig, args, 8, _B32))
-        r = _madd_acc(builder, builder.load(pa, align=4), p16, _splat(builder, _W16, _int(builder, args[10], _I16)))
-        builder.store(r, pa, align=4)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
-def madd_u6(typingctx: Any, acc: Any, ao: Any, lo: Any, loo: Any, shift: Any, hi: Any, hio: Any, hshift: Any, q: Any,
-            qo: Any, scale_a: Any, scale_b: Any) -> Any:
-    """Q6_K: acc[ao:ao+8] += the 32 products of 6-bit quants ((lo >> shift) & 15) | (((hi >> hshift) & 3) << 4)
-    with q[qo:qo+32], the first 16 weighted by scale_a and the last 16 by scale_b (two 16-weight sub-blocks)."""
-    sig = types.void(acc, ao, lo, loo, shift, hi, hio, hshift, q, qo, scale_a, scale_b)
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        pa = _acc(context, builder, sig, args, _D8)
-        lv = _load(context, builder, sig, args, 2, _B32)
-        hv = _load(context, builder, sig, args, 5, _B32)
-        low = builder.and_(builder.lshr(lv, _splat(builder, _B32, _int(builder, args[4], _I8))),
-                           ir.Constant(_B32, [15] * 32))
-        high = builder.and_(builder.lshr(hv, _splat(builder, _B32, _int(builder, args[7], _I8))),
-                            ir.Constant(_B32, [3] * 32))
-        v = builder.or_(low, builder.shl(high, ir.Constant(_B32, [4] * 32)))
-        p16 = _maddubs(builder, v, _load(context, builder, sig, args, 8, _B32))
-        sa = _splat(builder, _W16, _int(builder, args[10], _I16))
-        sb = _splat(builder, _W16, _int(builder, args[11], _I16))
-        scale = builder.shuffle_vector(sa, sb, ir.Constant(ir.VectorType(_I32, 16), list(range(8)) + list(range(24, 32))))
-        builder.store(_madd_acc(builder, builder.load(pa, align=4), p16, scale), pa, align=4)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
-def dot_s8(typingctx: Any, acc: Any, ao: Any, w: Any, wo: Any, q: Any, qo: Any) -> Any:
-    """acc[ao:ao+8] += the 32 products (w[wo:wo+32] + 128) x q[qo:qo+32] for signed bytes w (Q8_0): the
-    caller subtracts 128 * sum(q)."""
-    sig = types.void(acc, ao, w, wo, q, qo)
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        pa = _acc(context, builder, sig, args, _D8)
-        wv = builder.xor(_load(context, builder, sig, args, 2, _B32), ir.Constant(_B32, [0x80] * 32))
-        qv = _load(context, builder, sig, args, 4, _B32)
-        builder.store(_dot_u8s8(builder, builder.load(pa, align=4), wv, qv), pa, align=4)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
-def dot_u4x16(typingctx: Any, acc: Any, ao: Any, w: Any, wo: Any, q: Any, qo: Any) -> Any:
-    """acc[ao:ao+8] += the 32 products of the nibbles of w[wo:wo+16] (low nibbles are weights 0..15, high
-    16..31: Q4_0's block) with q[qo:qo+32]; the caller subtracts 8 * sum(q)."""
-    sig = types.void(acc, ao, w, wo, q, qo)
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        pa = _acc(context, builder, sig, args, _D8)
-        wv = _load(context, builder, sig, args, 2, _B16)
-        m = ir.Constant(_B16, [15] * 16)
-        lo = builder.and_(wv, m)
-        hi = builder.and_(builder.lshr(wv, ir.Constant(_B16, [4] * 16)), m)
-        nib = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
-        qv = _load(context, builder, sig, args, 4, _B32)
-        builder.store(_dot_u8s8(builder, builder.load(pa, align=4), nib, qv), pa, align=4)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
-def mul_u8x8(typingctx: Any, acc: Any, ao: Any, m: Any, b: Any, bo: Any) -> Any:
-    """acc[ao:ao+8] += the 8 bytes of the uint64 m (zero-extended) times the int32 b[bo:bo+8] (Q4_K's mins
-    against the activations' sums per sub-block)."""
-    sig = types.void(acc, ao, m, b, bo)
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        pa = _acc(context, builder, sig, args, _D8)
-        mv = builder.zext(builder.bitcast(_int(builder, args[2], _I64), ir.VectorType(_I8, 8)), _D8)
-        bv = _load(context, builder, sig, args, 3, _D8, align=4)
-        builder.store(builder.add(builder.load(pa, align=4), builder.mul(mv, bv)), pa, align=4)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
-def fma_reset(typingctx: Any, accf: Any, fo: Any, acc: Any, ao: Any, d: Any) -> Any:
-    """accf[fo:fo+8] += float(acc[ao:ao+8]) * d, then acc[ao:ao+8] = 0 (a block's integer sums, scaled)."""
-    sig = types.void(accf, fo, acc, ao, d)
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        pf = _ptr(context, builder, sig.args[0], args[0], args[1], _F8)
-        pi = _ptr(context, builder, sig.args[2], args[2], args[3], _D8)
-        fv = builder.sitofp(builder.load(pi, align=4), _F8)
-        dv = _splat(builder, _F8, builder.fptrunc(args[4], _F32) if args[4].type != _F32 else args[4])
-        r = builder.fadd(builder.load(pf, align=4), builder.fmul(fv, dv, flags=("contract",)), flags=("contract",))
-        builder.store(r, pf, align=4)
-        builder.store(ir.Constant(_D8, [0] * 8), pi, align=4)
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
-def fma4_reset(typingctx: Any, accf: Any, fo: Any, acc: Any, ao: Any, d: Any) -> Any:
-    """accf[fo:fo+8] += float(the sum of the four accumulators at acc[ao:ao+32]) * d, then those are zeroed: a
-    block's sums kept in four independent chains (so the integer steps are not latency-bound), scaled once."""
-    sig = types.void(accf, fo, acc, ao, d)
-
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        pf = _ptr(context, builder, sig.args[0], args[0], args[1], _F8)
-        a = context.make_array(sig.args[2])(context, builder, args[2])
-        ptrs = [builder.bitcast(builder.gep(a.data, [builder.add(args[3], ir.Constant(args[3].type, 8 * i))]),
-                                _D8.as_pointer()) for i in range(4)]
-        v = [builder.load(p, align=4) for p in ptrs]
-        total = builder.add(builder.add(v[0], v[1]), builder.add(v[2], v[3]))
-        fv = builder.sitofp(total, _F8)
-        dv = _splat(builder, _F8, builder.fptrunc(args[4], _F32) if args[4].type != _F32 else args[4])
-        r = builder.fadd(builder.load(pf, align=4), builder.fmul(fv, dv, flags=("contract",)), flags=("contract",))
-        builder.store(r, pf, align=4)
-        for p in ptrs:
-            builder.store(ir.Constant(_D8, [0] * 8), p, align=4)
-        return context.get_dummy_value()
-    return sig, codegen
 
 
 @intrinsic
@@ -280,6 +109,12 @@ def _f16_pair(builder: ir.IRBuilder, data: Any, off: Any) -> tuple[Any, Any]:
     return builder.extract_element(f, ir.Constant(_I32, 0)), builder.extract_element(f, ir.Constant(_I32, 1))
 
 
+def _block_data(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> tuple[Any, ...]:
+    """A block intrinsic's data pointers: accumulators, weights, activation quants, their sums, their scales
+    (arguments 0, 2, 4, 7, 10 of the shared signature)."""
+    return tuple(context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 4, 7, 10))
+
+
 def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
     """Q4_K (or Q5_K, five=True) blocks against Q8_K activations: scales, mins and quants decoded once into
     registers, then dotted with each of ntok activation rows."""
@@ -292,11 +127,7 @@ def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
 
         def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
             accf_v, fo_v, w_v, wo_v, q_v, qo_v, qs_v, b_v, bo_v, bs_v, d_v, do_v, ds_v = args
-            fa = context.make_array(sig.args[0])(context, builder, accf_v).data
-            wd = context.make_array(sig.args[2])(context, builder, w_v).data
-            qd = context.make_array(sig.args[4])(context, builder, q_v).data
-            bd = context.make_array(sig.args[7])(context, builder, b_v).data
-            dd = context.make_array(sig.args[10])(context, builder, d_v).data
+            fa, wd, qd, bd, dd = _block_data(context, builder, sig, args)
             words = [_load_at(builder, wd, _plus(builder, wo_v, 4 + 4 * i), _I32) for i in range(3)]
             sc, mn = _k4_scale_words(builder, *words)
             sc16 = builder.zext(builder.bitcast(sc, ir.VectorType(_I8, 8)), ir.VectorType(_I16, 8))
@@ -355,11 +186,7 @@ def _make_q6_k_block(ntok: int) -> Any:
 
         def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
             accf_v, fo_v, w_v, wo_v, q_v, qo_v, qs_v, b_v, bo_v, bs_v, d_v, do_v, ds_v = args
-            fa = context.make_array(sig.args[0])(context, builder, accf_v).data
-            wd = context.make_array(sig.args[2])(context, builder, w_v).data
-            qd = context.make_array(sig.args[4])(context, builder, q_v).data
-            bd = context.make_array(sig.args[7])(context, builder, b_v).data
-            dd = context.make_array(sig.args[10])(context, builder, d_v).data
+            fa, wd, qd, bd, dd = _block_data(context, builder, sig, args)
             ql = [_load_at(builder, wd, _plus(builder, wo_v, 32 * i), _B32) for i in range(4)]
             qh = [_load_at(builder, wd, _plus(builder, wo_v, 128 + 32 * i), _B32) for i in range(2)]
             sc16 = builder.sext(_load_at(builder, wd, _plus(builder, wo_v, 192), _B16), _W16)
@@ -423,11 +250,7 @@ def _make_legacy_block(ntok: int, q4: bool) -> Any:
 
         def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
             accf_v, fo_v, w_v, wo_v, q_v, qo_v, qs_v, s_v, so_v, ss_v, d_v, do_v, ds_v = args
-            fa = context.make_array(sig.args[0])(context, builder, accf_v).data
-            wd = context.make_array(sig.args[2])(context, builder, w_v).data
-            qd = context.make_array(sig.args[4])(context, builder, q_v).data
-            sd = context.make_array(sig.args[7])(context, builder, s_v).data
-            dd = context.make_array(sig.args[10])(context, builder, d_v).data
+            fa, wd, qd, sd, dd = _block_data(context, builder, sig, args)
             dw = builder.fpext(builder.bitcast(_load_at(builder, wd, wo_v, _I16), ir.HalfType()), _F32)
             if q4:
                 wv = _load_at(builder, wd, _plus(builder, wo_v, 2), _B16)
