@@ -29,7 +29,7 @@ F32 = np.float32
 MR = 4   # weight rows per matmul tile
 MT = 4   # activation rows per matmul tile (unrolled: their accumulators stay in registers)
 LANES = 8 * MT  # accumulator lanes per matmul tile
-PREFETCH = 2048  # bytes ahead a one-row kernel asks for (measured best of 1-4 KiB on a 2-core EPYC: +5-15%)
+PREFETCH = 2048  # bytes ahead a one-row kernel asks for its weights (chosen by measurement among 1-4 KiB)
 
 
 class Acts:

@@ -55,7 +55,12 @@ class Arena:
                 mats.append(QMatrix(self.buf[slot, off:off + m.raw.nbytes].reshape(m.raw.shape), m.qtype, m.rows, m.cols))
                 off += m.raw.nbytes
             view = self._views[(slot, layout)] = Expert(*mats, ready=DONE)
-        copy_expert(self.buf[slot], src.gate.raw, src.up.raw, src.down.raw)
+        raws = (src.gate.raw, src.up.raw, src.down.raw)
+        if all(r.flags.c_contiguous for r in raws):
+            copy_expert(self.buf[slot], *raws)
+        else:                                                          # a strided view: numpy copies it
+            for r, dst in zip(raws, (view.gate, view.up, view.down)):
+                np.copyto(dst.raw, r)
         return view
 
     @property
