@@ -114,13 +114,34 @@ class Model:
         finally:
             ctx.experts = store
             ctx.seek(0)
+        if self.cache is not None and self.cache.cold:
+            self._warm_cold()
+
+    def _warm_cold(self) -> None:
+        """The cold copies' product kernels (their types are the cold file's, which the forward above did not
+        run), for one row and for two, on the host where cold experts are computed."""
+        host, s, act = self.model.backend.host, self.ctx.state, self.model.cfg.spec.activation
+        kinds = {(e.gate.qtype, e.up.qtype, e.down.qtype): e for layer in self.cache.cold for e in layer}
+        for e in kinds.values():
+            for n in range(1, min(2, self.ctx.n_batch) + 1):
+                x = s.h_host[:n]
+                x.fill(0)
+                host.glu(e, host.acts(x, s.host_h_acts), s.host_ffn, s.moe_host[:n], act)
 
     def _start_precompile(self, opt: Options) -> Any:
         """On a first run on the CPU, a second process compiling the kernels from the other end (precompile.py)."""
         if opt.device != Device.CPU or not kernels_uncached() or numba.config.NUMBA_NUM_THREADS < 2:
             return None
         from . import precompile
-        types = [t.qtype for t in self.file.tensors.values() if len(t.shape) >= 2 and t.name != "token_embd.weight"
+        files = [self.file.tensors.values()]
+        if opt.residency and (opt.miss != MissMode.HOT or opt.cold_path is not None):
+            try:                                                                 # the cold copies' types too
+                cold = GGUFFile(opt.cold_path or cold_path_for(self.path))
+                files.append(list(cold.tensors.values()))
+                cold.close()
+            except (OSError, ValueError):
+                pass                                                             # the store says what is wrong
+        types = [t.qtype for ts in files for t in ts if len(t.shape) >= 2 and t.name != "token_embd.weight"
                  and "_gate_inp" not in t.name]                                  # routers: small_matmul
         embd = self.file.tensors.get("token_embd.weight")
         args = (types, embd.qtype if embd is not None else QType.F32, opt.type_k == CacheType.F16)

@@ -45,3 +45,29 @@ def test_both_parts_cover_the_warm_up(trained_q8: Path, tmp_path: Path) -> None:
     compiled = next(ln for ln in r.stdout.splitlines() if ln.startswith("COMPILED"))[len("COMPILED "):]
     assert compiled == "", f"the warm-up compiled kernels the precompile lists lack: {compiled}"
     assert "compiling kernels" not in r.stderr
+
+
+_FIRST_GENERATE = """
+import gc, sys
+from numba.core.registry import CPUDispatcher
+from hotcold import Model
+
+def specialised():
+    return {(o.py_func.__qualname__, str(sig)) for o in gc.get_objects() if isinstance(o, CPUDispatcher)
+            and o.py_func.__module__.startswith("hotcold") for sig in o.signatures}
+
+m = Model(sys.argv[1], n_ctx=64, expert_budget="25%", miss="adaptive")
+before = specialised()
+"".join(m.generate([1, 5, 9, 13, 17], max_tokens=6, temperature=0))
+print("NEW", ",".join(sorted(q for q, _ in specialised() - before)))
+"""
+
+
+def test_a_cold_store_is_warmed_at_load(trained_q8: Path) -> None:
+    """With cold copies in play, the warm-up also runs the cold file's types (which the plain forward does
+    not): the first prompt specialises no kernel, so no compile or cache load lands in its timing."""
+    r = subprocess.run([sys.executable, "-c", _FIRST_GENERATE, str(trained_q8)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    new = next(ln for ln in r.stdout.splitlines() if ln.startswith("NEW"))[len("NEW "):]
+    assert new == "", f"kernels specialised during the first generate: {new}"
