@@ -47,7 +47,7 @@ print("RESULT", json.dumps([t["gen_tokens"] / t["gen_s"], s["bytes_moved"] / max
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decode", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=5, help="runs of each configuration, alternating (this VM varies +-20%%)")
+    ap.add_argument("--reps", type=int, default=5, help="runs of each configuration, alternating; medians are printed")
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()

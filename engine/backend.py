@@ -220,10 +220,9 @@ class CpuBackend(Backend):
         dequantize_rows(table.raw, table.qtype, ids, out)
 
     def matmul(self, w: QMatrix, x: Any, out: np.ndarray) -> None:
-        if type(x) is int8.Acts:
-            k = int8.KERNELS.get(w.qtype)
-            if k is not None:                                                # integer dot products
-                (k[1] if x.rows == 1 else k[2])(w.kernel_view, *x.operands(w.qtype), out)
+        if isinstance(x, int8.Acts):
+            if w.qtype in int8.KERNELS:
+                int8.product(w.kernel_view, w.qtype, x, out)                 # integer dot products
                 return
             x = x.x
         if w.qtype == QType.F32 and w.rows <= SMALL_ROWS:
@@ -271,7 +270,7 @@ class CpuBackend(Backend):
         t = e.gate.qtype
         if act is Activation.SILU and isinstance(x, int8.Acts) and x.rows == 1 and e.up.qtype == t and t in int8.GLU:
             g, u = scratch.ff(1, e.gate.rows)
-            int8.GLU[t](e.gate.kernel_view, e.up.kernel_view, *x.operands(t), g, u)   # (1, n_ff) in one pass
+            int8.swiglu_product(e.gate.kernel_view, e.up.kernel_view, t, x, g, u)   # (1, n_ff) in one pass
             self.matmul(e.down, self.acts(g, scratch.g_acts), out)             # (1, n_embd)
             return
         super().glu(e, x, scratch, out, act)
