@@ -10,6 +10,7 @@ from typing import Any
 
 from hotcold.engine.api import Model
 from hotcold.engine.chat import ChatTemplateError
+from hotcold.engine.experts.disk import ExpertReadError
 from hotcold.engine.gguf_file import GGUFError
 from hotcold.engine.options import Options
 from hotcold.engine.sampling import SamplingParams
@@ -43,9 +44,20 @@ def _stats(m: Model) -> None:
         print(f"{i:5d} " + " ".join(f"{layer[c]:>11}" for c in cols) + f"   {acc:>8}", file=sys.stderr)
     acc = f"{s['prefetch_accuracy']:.2f}" if s["prefetch_accuracy"] is not None else "-"
     print("total " + " ".join(f"{s[c]:>11}" for c in cols) + f"   {acc:>8}", file=sys.stderr)
-    if s["tokens"]:
-        print(f"per token: {s['misses'] / s['tokens']:.2f} misses, {s['bytes_moved'] / s['tokens'] / 2**20:.3f} MiB moved",
+    n = s["tokens"]
+    if n:
+        print(f"per token: {s['misses'] / n:.2f} misses, {s['bytes_moved'] / n / 2**20:.3f} MiB moved, "
+              f"{s.get('disk_bytes', 0) / n / 2**20:.3f} MiB read from disk, stall {s['stall_s'] / n * 1e3:.3f} ms, "
+              f"compute {s['compute_s'] / n * 1e3:.3f} ms, {s['major_faults'] / n:.2f} major page faults",
               file=sys.stderr)
+        rates = s.get("hit_rate") or {}
+        shown = ", ".join(f"{k} {v:.1%}" for k, v in rates.items() if v is not None)
+        if shown:
+            print(f"served by tier: {shown}", file=sys.stderr)
+    print("tokens: routed through the layer; hits/misses: (token, expert) selections resident or not in the hot "
+          "arena; cold: misses computed with the cold copy (cold_uploaded: of those, on the GPU); skipped: misses "
+          "dropped by gate weight; loads: hot copies brought in (misses and prefetches); bytes_moved: bytes of hot "
+          "copies loaded plus cold copies computed with; prefetch: share of selections predicted", file=sys.stderr)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.heatmap:
             m.save_expert_heatmap(args.heatmap)
             print(f"heatmap written to {args.heatmap}", file=sys.stderr)
-    except (GGUFError, ChatTemplateError, ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+    except (GGUFError, ChatTemplateError, ValueError, FileNotFoundError, ImportError, RuntimeError,
+            ExpertReadError) as e:
         print(f"moe-run: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,7 +6,10 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
+import resource
 import subprocess
 import sys
 import time
@@ -26,8 +29,12 @@ from .backend import Backend, CpuBackend
 from .chat import ChatTemplate
 from .context import Context
 from .experts.cache import ExpertCache
+from .experts.arena import DiskArena
 from .experts.cold import cold_experts, open_cold
-from .experts.rules import MissMode
+from .experts.disk import DiskExperts, DiskReader, StagedCold, expert_extents, resident_copies
+from .experts.planner import MemoryPlan, expert_shape, plan_memory
+from .experts.rules import Budget, MissMode
+from .memory import owned_bytes
 from .config import CacheType
 from .gguf_file import GGUFFile
 from .model import Transformer
@@ -57,6 +64,22 @@ def available_memory() -> int:
     return 0
 
 
+def _major_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+
+
+def _ram_defaults(path: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Under a RAM budget, what the user did not choose is chosen for the disk tier: misses adaptive (served
+    by the cold copy while the hot one loads) when the cold copies are there (prefetch: see _disk_cache)."""
+    if options.get("ram_budget") is None:
+        return options
+    out = dict(options)
+    cold = options.get("cold_path")
+    if "miss" not in out and Path(cold if cold is not None else cold_path_for(path)).is_file():
+        out["miss"] = MissMode.ADAPTIVE
+    return out
+
+
 class Model:
     """A loaded GGUF model with one context (KV cache) that successive calls reuse by common prefix.
 
@@ -65,14 +88,19 @@ class Model:
 
     def __init__(self, path: str | Path, **options: Any) -> None:
         t0 = time.perf_counter()
-        self.options = opt = Options.parse(**options)
+        self.options = opt = Options.parse(**_ram_defaults(Path(path), options))
+        self._prefetch_given = "prefetch" in options
         self.verbose = opt.verbose
         self.path = Path(path)
         if opt.n_threads is not None:
             numba.set_num_threads(opt.n_threads)
-        self.file = GGUFFile(self.path)
+        self.file = GGUFFile(self.path, random_access=opt.ram_budget is not None)
         self._helper = self._start_precompile(opt)
-        if self.file.size < 0.9 * available_memory():
+        self.plan: MemoryPlan | None = None
+        self._cold_buf: np.ndarray | None = None
+        if opt.ram_budget is not None:   # the dense tensors only: experts are read by the disk tier
+            self.file.prefault([(t.offset, t.nbytes) for t in self.file.tensors.values() if "_exps." not in t.name])
+        elif self.file.size < 0.9 * available_memory():
             self.file.prefault()   # page faults at load, not during the first tokens (llama.cpp copies at load)
         self.metadata: dict[str, Any] = self.file.metadata
         self.gpu = None
@@ -85,6 +113,7 @@ class Model:
         self.tokenizer = Tokenizer.from_metadata(self.metadata)
         self.seed = opt.seed
         self._warmup()
+        self._stats_base = (_major_faults(), self.ctx.forward_s)
         self._load_s = time.perf_counter() - t0
 
     def _warmup(self) -> None:
@@ -106,7 +135,9 @@ class Model:
                     helper.wait()
         ctx, store = self.ctx, self.ctx.experts
         bos = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
-        ctx.experts = self.model.experts
+        disk = self.plan is not None   # experts are never read through the map then: warm up through the store
+        if not disk:
+            ctx.experts = self.model.experts
         try:
             self.model.forward(np.full(min(2, ctx.n_batch, ctx.n_ctx - 1) or 1, bos), ctx)
             if ctx.n_past < ctx.n_ctx:
@@ -116,13 +147,14 @@ class Model:
             ctx.seek(0)
         if self.cache is not None and self.cache.cold:
             self._warm_cold()
+        if disk:
+            self.cache.clear()
 
     def _warm_cold(self) -> None:
         """The cold copies' product kernels (their types are the cold file's, which the forward above did not
         run), for one row and for two, on the host where cold experts are computed."""
         host, s, act = self.model.backend.host, self.ctx.state, self.model.cfg.spec.activation
-        kinds = {(e.gate.qtype, e.up.qtype, e.down.qtype): e for layer in self.cache.cold for e in layer}
-        for e in kinds.values():
+        for e in self.cache.cold_samples():
             for n in range(1, min(2, self.ctx.n_batch) + 1):
                 x = s.h_host[:n]
                 x.fill(0)
@@ -160,6 +192,8 @@ class Model:
         """The hot arena over this file's experts and, when the miss mode needs them, the cold copies."""
         if not self.model.cfg.is_moe:
             raise ValueError(f"{self.path} is a dense model: expert residency options need an MoE model")
+        if opt.ram_budget is not None:
+            return self._disk_cache(opt)
         cold = None
         if opt.miss != MissMode.HOT or opt.cold_path is not None:
             self.cold_file = open_cold(self.file, opt.cold_path or cold_path_for(self.path))
@@ -170,6 +204,69 @@ class Model:
             print(f"cold miss cost: GPU {c.gpu_s[0] * 1e3:.3f}/{c.gpu_s[1] * 1e3:.3f} ms, CPU {c.cpu_s[0] * 1e3:.3f}/"
                   f"{c.cpu_s[1] * 1e3:.3f} ms for 1/{c.n} tokens", file=sys.stderr)
         return cache
+
+    def _disk_cache(self, opt: Options) -> ExpertCache:
+        """Under a RAM budget: experts read from disk into the hot arena, cold copies resident or read from disk,
+        split by the planner (experts/planner.py)."""
+        budget = opt.ram_budget.nbytes if opt.ram_budget.nbytes is not None else int(opt.ram_budget.fraction
+                                                                                     * self.file.size)
+        hot = self.model.experts.experts
+        cold_layouts = None
+        if opt.miss != MissMode.HOT or opt.cold_path is not None:
+            self.cold_file = open_cold(self.file, opt.cold_path or cold_path_for(self.path), random_access=True)
+            cold_layouts = cold_experts(self.cold_file, self.model.cfg.n_layer)
+        k, n_moe = self.model.cfg.n_expert_used, sum(1 for layer in hot if layer)
+        self.plan = plan = plan_memory(budget, self._fixed_memory(), expert_shape(hot, k),
+                                       expert_shape(cold_layouts, k) if cold_layouts else None, opt.expert_budget)
+        self._readers = [DiskReader(self.path)]
+        disk = DiskExperts(self.file, hot, self._readers[0])
+        cold: Any = None
+        if cold_layouts:
+            self._readers.append(DiskReader(self.cold_file.path))
+            cold_disk = DiskExperts(self.cold_file, cold_layouts, self._readers[1])
+            if plan.cold_resident:
+                cold, self._cold_buf = resident_copies(cold_disk)
+            else:
+                cold = StagedCold(cold_disk)
+        if self.verbose:
+            print(plan.describe(expert_shape(hot).count), file=sys.stderr)
+        # loads ahead (prefetch, a hot copy loading while the cold one serves) pay only when the arena holds a
+        # token's whole selection: smaller, LRU evicts them before they are used, and their reads take a core
+        ahead = plan.hot_slots >= n_moe * k
+        hot_opt = dataclasses.replace(opt, expert_budget=Budget(nbytes=plan.hot_bytes),
+                                      prefetch=opt.prefetch if self._prefetch_given or not ahead else 1)
+        cache = ExpertCache(hot, hot_opt, cold, functools.partial(DiskArena, disk=disk))
+        if not ahead:
+            cache.background = 0
+        return cache
+
+    def _fixed_memory(self) -> dict[str, int]:
+        """What the model holds whatever the experts do: dense weights (the file's non-expert tensors, in the
+        page cache, and the copies made at load), the KV cache, the buffers of a forward pass."""
+        m, ctx = self.model, self.ctx
+        dense_file = sum(t.nbytes for t in self.file.tensors.values() if "_exps." not in t.name)
+        dense = dense_file + owned_bytes(m.blocks, m.token_embd, m.output, m.output_norm)
+        return {"dense": dense, "kv_cache": ctx.kv.k.nbytes + ctx.kv.v.nbytes,
+                "buffers": owned_bytes(ctx.state, ctx.rope_cos, ctx.rope_sin, ctx.pos, ctx.seq)}
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of host memory by part: dense, kv_cache, buffers (see _fixed_memory), hot_arena, cold (the
+        resident cold copies, or the ring they are read into), page_cache (expert bytes of the model's files in
+        the page cache now: under a RAM budget only what the reads could not drop), and their total."""
+        parts = self._fixed_memory()
+        cache = self.cache
+        parts["hot_arena"] = cache.arena.buf.nbytes if cache is not None and self.gpu is None else 0
+        cold = cache.cold if cache is not None else None
+        parts["cold"] = (self._cold_buf.nbytes if self._cold_buf is not None
+                         else cold.nbytes if isinstance(cold, StagedCold) else 0)
+        files = [(self.file, self.model.experts.experts)]
+        if cache is not None and cold is not None and getattr(self, "cold_file", None) is not None:
+            files.append((self.cold_file, cold.disk.layouts if isinstance(cold, StagedCold) else
+                          cold_experts(self.cold_file, self.model.cfg.n_layer)))
+        parts["page_cache"] = sum(f.cached_bytes([x for layer in expert_extents(f, ex) for e in layer for x in e])
+                                  for f, ex in files)
+        parts["total"] = sum(parts.values())
+        return parts
 
     @property
     def timings(self) -> dict[str, float]:
@@ -184,8 +281,14 @@ class Model:
 
     def expert_stats(self) -> dict[str, Any]:
         """Expert-cache counters: totals under tokens/hits/misses/cold/skipped/bytes_moved, `layers` per layer,
-        `activations` (layer x expert selection counts)."""
-        return self.ctx.experts.report()
+        `activations` (layer x expert selection counts); since the last reset: major_faults (page faults that
+        read the disk), stall_s (waiting for expert reads), compute_s (the rest of the forward passes)."""
+        r = self.ctx.experts.report()
+        faults, fwd = self._stats_base
+        r["major_faults"] = _major_faults() - faults
+        r["compute_s"] = max(self.ctx.forward_s - fwd - r.get("stall_s", 0.0), 0.0)
+        r.setdefault("stall_s", 0.0)
+        return r
 
     def save_expert_heatmap(self, path: str | Path) -> Path:
         """PNG of the layer x expert activation shares counted so far."""
@@ -194,6 +297,7 @@ class Model:
 
     def reset_expert_stats(self) -> None:
         self.ctx.experts.reset_stats()
+        self._stats_base = (_major_faults(), self.ctx.forward_s)
 
     @classmethod
     def load(cls, path: str | Path, **options: Any) -> "Model":

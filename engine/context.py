@@ -132,6 +132,7 @@ class Context:
         self.tokens: list[int] = []                         # the tokens the cache holds, in order
         self.timings: dict[str, float] = {}                 # of the last generation (the API's)
         self.finish_reason: str | None = None
+        self.forward_s = 0.0                                # wall seconds in forward passes, all of them
 
     @property
     def n_past(self) -> int:

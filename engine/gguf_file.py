@@ -50,7 +50,9 @@ class TensorRef:
 class GGUFFile:
     """A GGUF file opened read-only and memory-mapped; nothing is copied until a caller asks."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, random_access: bool = False) -> None:
+        """`random_access`: no read-ahead around the pages the map faults in (MADV_RANDOM), for a file whose
+        large parts are read another way (the disk tier): read-ahead would cache them behind the budget's back."""
         self.path = Path(path)
         try:
             fd = os.open(self.path, os.O_RDONLY)
@@ -61,6 +63,8 @@ class GGUFFile:
             if self.size < 24:
                 raise GGUFError(f"{self.path} is {self.size} bytes, too short to be a GGUF file")
             self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            if random_access:
+                self._mm.madvise(mmap.MADV_RANDOM)
         finally:
             os.close(fd)
         self._pos = 0
@@ -182,14 +186,51 @@ class GGUFFile:
         flat = np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
         return flat.reshape(byte_shape(t.shape, t.qtype))
 
-    def prefault(self) -> None:
-        """Map every page of the file now (reading it from disk if it is not cached), so that first uses of
-        weights during inference take no page faults. MADV_POPULATE_READ where the kernel has it (5.14+),
-        else one read per page."""
+    def extent(self, view: np.ndarray) -> tuple[int, int]:
+        """(file offset, bytes) of a contiguous view returned by `raw` (or a slice of one): where a reader that
+        does not go through the map (engine/experts/disk.py) finds the same bytes."""
+        base = np.frombuffer(self._mm, dtype=np.uint8, count=1).ctypes.data
+        off = view.ctypes.data - base
+        if not view.flags.c_contiguous or not 0 <= off <= self.size - view.nbytes:
+            raise ValueError(f"not a contiguous view of {self.path}'s map")
+        return off, view.nbytes
+
+    def cached_bytes(self, extents: list[tuple[int, int]]) -> int:
+        """Bytes of these (offset, size) ranges that are in the page cache now (mincore(2) on the map; 0 where
+        the call is unavailable)."""
+        import ctypes
         try:
-            self._mm.madvise(_MADV_POPULATE_READ)
-        except (OSError, ValueError, AttributeError):
-            np.frombuffer(self._mm, dtype=np.uint8)[::mmap.PAGESIZE].max()
+            mincore = ctypes.CDLL(None, use_errno=True).mincore
+        except (OSError, AttributeError):
+            return 0
+        page = mmap.PAGESIZE
+        base = np.frombuffer(self._mm, dtype=np.uint8, count=1).ctypes.data
+        total = 0
+        for off, n in extents:
+            start, end = off // page * page, min(-(-(off + n) // page) * page, -(-self.size // page) * page)
+            if end <= start:
+                continue
+            vec = np.zeros((end - start) // page, dtype=np.uint8)
+            if mincore(ctypes.c_void_p(base + start), ctypes.c_size_t(end - start),
+                       vec.ctypes.data_as(ctypes.c_void_p)) != 0:
+                return 0
+            total += int((vec & 1).sum()) * page
+        return total
+
+    def prefault(self, extents: list[tuple[int, int]] | None = None) -> None:
+        """Map every page of the file (or of these (offset, size) ranges) now, reading it from disk if it is
+        not cached, so that first uses of weights during inference take no page faults. MADV_POPULATE_READ
+        where the kernel has it (5.14+), else one read per page."""
+        page = mmap.PAGESIZE
+        for off, n in extents if extents is not None else [(0, self.size)]:
+            start = off // page * page
+            length = min(off + n, self.size) - start
+            if length <= 0:
+                continue
+            try:
+                self._mm.madvise(_MADV_POPULATE_READ, start, length)
+            except (OSError, ValueError, AttributeError):
+                np.frombuffer(self._mm, dtype=np.uint8, count=length, offset=start)[::page].max()
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)

@@ -8,6 +8,7 @@ The MoE step itself is engine/moe.py.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -123,6 +124,7 @@ class Transformer:
         """Append `tokens` (at most ctx.n_batch) to the context; logits (T, n_vocab) for every token, or
         (1, n_vocab) for the last. The (1, n_vocab) result is the context's buffer, valid until its next
         forward (llama.cpp's llama_get_logits); copy it to keep it."""
+        t0 = time.perf_counter()
         cfg, be, s = self.cfg, self.backend, ctx.state
         ids = np.asarray(tokens, dtype=np.int64)
         T, p0 = ids.shape[0], ctx.n_past
@@ -141,7 +143,9 @@ class Transformer:
             self._ffn(b, il, h, ctx, a)                                          # (T, n_embd)
             be.add(x, a)                                                         # residual
         ctx.tokens.extend(ids.tolist())
-        return self._logits(x, ctx, all_logits)
+        logits = self._logits(x, ctx, all_logits)
+        ctx.forward_s += time.perf_counter() - t0
+        return logits
 
     def _attention(self, b: Block, il: int, h: Any, pos: Any, p0: int, ctx: Context, out: Any) -> None:
         cfg, be, s = self.cfg, self.backend, ctx.state

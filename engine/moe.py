@@ -115,6 +115,7 @@ def moe(be: "Backend", router: Any, layer: int, h: Any, ctx: "Context", out: Any
     routing = route(logits, cfg.n_expert_used, cfg.spec.norm_topk, store.bias(layer), cfg.spec.gating,
                     s.routing(T), s.route_scratch)                            # (T, k) experts, gate weights
     plan = store.prepare(layer, routing)                                     # expert -> weights; skips weigh 0
+    prefetch(be, layer, hh, ctx)                                             # queued loads overlap this compute
     here, host = be.split(plan.groups(routing), s)                           # computed by be / on the host
     combine(be, here, be.acts(h, s.h_acts), s.ffn, cfg.spec.activation, out)  # (T, n_embd) weighted sum
     if host:                                                                 # Fiddler: host experts meanwhile
@@ -122,7 +123,6 @@ def moe(be: "Backend", router: Any, layer: int, h: Any, ctx: "Context", out: Any
         hx = be.host.acts(hh, s.host_h_acts)
         combine(be.host, host, hx, s.host_ffn, cfg.spec.activation, acc)     # (T, n_embd)
         be.add_from_host(out, acc, s)
-    prefetch(be, layer, hh, ctx)                                             # queued loads overlap later layers
 
 
 def combine(be: "Backend", groups: Sequence[Group], x: Any, scratch: Any, act: Any, out: Any) -> None:

@@ -78,6 +78,10 @@ class Options:
     expert_budget: Budget | None = option(
         None, "--expert-budget", help="hot expert arena size: a share like 25%% or a size like 2GiB (default: no cache)",
         parse=_budget("expert_budget"), group=RESIDENCY)
+    ram_budget: Budget | None = option(
+        None, "--ram-budget", help="host memory for all the model holds (dense weights, KV cache, buffers, experts, "
+        "the page cache of its reads), a size like 12GiB or a share like 50%% of the file; experts beyond it are "
+        "read from disk (default: no limit)", parse=_budget("ram_budget"), group=RESIDENCY)
     cache_policy: CachePolicy = option(CachePolicy.LRU, "--cache-policy", help="eviction policy",
                                        parse=_enum(CachePolicy, "cache_policy"), choices=CachePolicy, group=RESIDENCY)
     miss: MissMode = option(MissMode.HOT, "--miss", help="a miss loads the hot copy, computes with the cold copy, "
@@ -129,6 +133,8 @@ class Options:
         if self.device == Device.CPU and self.miss_placement != Placement.AUTO:
             raise ValueError(f"miss_placement={self.miss_placement.value!r} (--miss-placement) needs device='cuda' "
                              "(--device cuda): on the CPU every miss already runs on the CPU")
+        if self.ram_budget is not None and self.device != Device.CPU:
+            raise ValueError("ram_budget (--ram-budget) is for device='cpu'; on a GPU give vram_budget")
         if self.vram_budget is not None:
             if self.device != Device.CUDA:
                 raise ValueError(f"vram_budget needs device='cuda' (--device cuda), not device={self.device.value!r}")
@@ -142,7 +148,7 @@ class Options:
     @property
     def residency(self) -> bool:
         """Whether any option asks for the expert cache (else experts are read straight from the file)."""
-        return (self.expert_budget is not None or self.miss != MissMode.HOT or bool(self.eras_alpha)
+        return (self.expert_budget is not None or self.ram_budget is not None or self.miss != MissMode.HOT or bool(self.eras_alpha)
                 or bool(self.eras_beta) or self.prefetch > 0 or self.cold_path is not None or self.device != Device.CPU)
 
     @property

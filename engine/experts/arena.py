@@ -44,9 +44,8 @@ class Arena:
             pass
         return np.frombuffer(m, dtype=np.uint8).reshape(n_slots, slot_bytes)
 
-    def _place(self, slot: int, src: Expert) -> Expert:
-        """Copy `src`'s three matrices into `slot`; the returned Expert views the slot (the copy is done). The
-        views of a slot are made once per layout (every expert of a layer shares one)."""
+    def _view(self, slot: int, src: Expert) -> Expert:
+        """`slot` as an Expert laid out like `src`, made once per layout (every expert of a layer shares one)."""
         layout = tuple((m.qtype, m.rows, m.cols, m.raw.shape) for m in (src.gate, src.up, src.down))
         view = self._views.get((slot, layout))
         if view is None:
@@ -55,6 +54,11 @@ class Arena:
                 mats.append(QMatrix(self.buf[slot, off:off + m.raw.nbytes].reshape(m.raw.shape), m.qtype, m.rows, m.cols))
                 off += m.raw.nbytes
             view = self._views[(slot, layout)] = Expert(*mats, ready=DONE)
+        return view
+
+    def _place(self, slot: int, src: Expert) -> Expert:
+        """Copy `src`'s three matrices into `slot`; the returned Expert views the slot (the copy is done)."""
+        view = self._view(slot, src)
         raws = (src.gate.raw, src.up.raw, src.down.raw)
         if all(r.flags.c_contiguous for r in raws):
             copy_expert(self.buf[slot], *raws)
@@ -94,6 +98,10 @@ class Arena:
         self.experts[key] = self._place(slot, src)
         return self.experts[key]
 
+    def failed(self) -> list[Key]:
+        """Residents whose load failed (a disk read): the store drops them before it trusts the arena again."""
+        return []
+
     def drop(self, key: Key) -> None:
         self.free.append(self.slot_of.pop(key))
         self.mask[key] = False
@@ -105,3 +113,36 @@ def _warm_copy() -> None:
     src = np.zeros((1, 1), dtype=np.uint8)
     src.flags.writeable = False
     copy_expert(np.zeros(3, dtype=np.uint8), src, src, src)
+
+
+class DiskArena(Arena):
+    """The arena filled from the disk tier: a load queues a read of the expert's file bytes into its slot on
+    the reader's threads and hands out the slot with the read as its readiness (experts.disk)."""
+
+    def __init__(self, n_slots: int, slot_bytes: int, n_layer: int, n_expert: int, disk: Any = None) -> None:
+        super().__init__(n_slots, slot_bytes, n_layer, n_expert)
+        self.disk = disk                                               # experts.disk.DiskExperts
+        self._pending: dict[int, Any] = {}                             # slot -> its last read
+        self._failed: list[Key] = []
+
+    def load(self, key: Key, src: Expert) -> Expert:
+        slot = self.free.pop()
+        prev = self._pending.pop(slot, None)
+        if prev is not None and not prev.done():                       # an evicted read still writing here
+            prev.future.exception()
+        view = self._view(slot, src)
+        pending = self.disk.fill(key[0], key[1], (view.gate.raw, view.up.raw, view.down.raw))
+        pending.future.add_done_callback(lambda f, key=key: f.exception() is not None and self._failed.append(key))
+        self._pending[slot] = pending
+        self.slot_of[key] = slot
+        self.mask[key] = True
+        self.experts[key] = expert = Expert(view.gate, view.up, view.down, ready=pending)
+        return expert
+
+    def failed(self) -> list[Key]:
+        out, self._failed = [k for k in self._failed if k in self.slot_of], []
+        return out
+
+    def idle(self) -> bool:
+        """Whether the reader has nothing queued (a background load then costs no waiting read)."""
+        return self.disk.reader.in_flight == 0

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..moe import Plan, Routing, SelectionBias
 from .arena import Arena
+from .disk import StagedCold
 from .expert import Expert
 from .policies import Key, make_policy
 from .rules import MissCost, MissMode, Placement, Tier, eras_bias, miss_tiers
@@ -46,6 +47,13 @@ class ExpertCache:
         self.activations = np.zeros((self.n_layer, self.n_expert), dtype=np.int64)
         self.miss_cost: MissCost | None = None  # measured on a GPU at load (cuda.calibrate)
         self._predicted: list[set[int] | None] = [None] * self.n_layer
+        self._in_use: set[Key] = set()                                      # the current layer's plan: never evicted
+        # a disk arena loads in the background: where the mode allows, a miss is served by the cold copy while
+        # its hot copy loads (HOBBIT's mixed precision as latency hiding), at most `background` reads queued
+        self._disk = hasattr(self.arena, "idle")
+        self._cold_while_loading = (self._disk and cold is not None and options.miss != MissMode.HOT
+                                    and n_slots < len(all_experts))
+        self.background = 2
 
     @property
     def budget_bytes(self) -> int:
@@ -77,7 +85,7 @@ class ExpertCache:
 
     def _prepare_batch(self, layer: int, routing: Routing) -> Plan:
         st, ids = self.stats[layer], routing.experts                         # ids (T, k)
-        self.arena.begin()
+        self._begin()
         st.tokens += ids.shape[0]
         np.add.at(self.activations[layer], ids.ravel(), 1)
         self._score_prediction(layer, ids)
@@ -96,23 +104,26 @@ class ExpertCache:
             if key in self.arena:
                 self.policy.use(key, hit=True)
                 experts[e] = self.arena.experts[key]
-            elif (tiers[sel] == Tier.HOT).any() or self.arena.free:          # a free slot costs no eviction
-                self.policy.use(key, hit=False)
+            elif ((tiers[sel] == Tier.HOT).any() or self.arena.free) and not self._cold_while_loading:
+                self.policy.use(key, hit=False)                              # a free slot costs no eviction
                 experts[e] = self._load(key, pinned) or self._stream(layer, e)
                 pinned.add(key)
             else:
                 self.policy.use(key, hit=False, hot=False)
-                n_cold = int((sel & (tiers == Tier.COLD)).sum())
+                if (tiers[sel] == Tier.HOT).any() or self.arena.free:
+                    self._background(key, pinned)
+                n_cold = int((sel & (tiers != Tier.SKIP)).sum()) if self._cold_while_loading else int((sel & (tiers == Tier.COLD)).sum())
                 experts[e] = self._cold(layer, e, n_cold)
                 st.bytes_moved += experts[e].nbytes
                 st.cold += n_cold
+        self._in_use = pinned
         return Plan(experts, weights)
 
     def _prepare_token(self, layer: int, routing: Routing) -> Plan:
         """`prepare` for one token (decode), the same decisions in plain Python: its k experts are distinct,
         so each is one (token, slot) selection, and a handful of them costs less than numpy calls."""
         st, ids, w = self.stats[layer], routing.experts[0].tolist(), routing.weights
-        self.arena.begin()
+        self._begin()
         st.tokens += 1
         act = self.activations[layer]
         for e in ids:
@@ -124,6 +135,8 @@ class ExpertCache:
             st.hits += len(ids)
             for e in sorted(ids):
                 self.policy.use((layer, e), hit=True)
+            if self._disk:
+                self._in_use = {(layer, e) for e in ids}
             return Plan(dict(zip(ids, found)), w)
         resident = self.arena.slot_of
         hit = [(layer, e) in resident for e in ids]
@@ -148,22 +161,25 @@ class ExpertCache:
             if key in resident:
                 self.policy.use(key, hit=True)
                 experts[e] = self.arena.experts[key]
-            elif tier == Tier.HOT or self.arena.free:                        # a free slot costs no eviction
-                self.policy.use(key, hit=False)
+            elif (tier == Tier.HOT or self.arena.free) and not self._cold_while_loading:
+                self.policy.use(key, hit=False)                              # a free slot costs no eviction
                 experts[e] = self._load(key, pinned) or self._stream(layer, e)
                 pinned.add(key)
             else:
                 self.policy.use(key, hit=False, hot=False)
+                if tier == Tier.HOT or self.arena.free:
+                    self._background(key, pinned)
                 experts[e] = self._cold(layer, e, 1)
                 st.bytes_moved += experts[e].nbytes
                 st.cold += 1
+        self._in_use = pinned
         return Plan(experts, weights)
 
     def prefetch(self, layer: int, experts: np.ndarray) -> None:
         """Queue the hot copies of the experts predicted for `layer` ahead of it (never evicting each other)."""
         predicted = {int(e) for e in np.unique(experts)}
         self._predicted[layer] = predicted
-        pinned = {(layer, e) for e in predicted}
+        pinned = {(layer, e) for e in predicted} | self._in_use
         for e in sorted(predicted):
             if (layer, e) not in self.arena and self._load((layer, e), pinned) is not None:
                 self.stats[layer].prefetched += 1
@@ -172,6 +188,22 @@ class ExpertCache:
         self.policy.new_sequence()
 
     # --- internals -----------------------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        """A layer's batch starts: staging slots are free again, failed disk reads are forgotten."""
+        self.arena.begin()
+        if isinstance(self.cold, StagedCold):
+            self.cold.begin()
+        for key in self.arena.failed():
+            self.arena.drop(key)
+            self.policy.evicted(key)
+
+    def _background(self, key: Key, pinned: set[Key]) -> None:
+        """Queue `key`'s hot copy while its cold copy serves (disk tier): into a free slot, or evicting unless
+        `background` reads are queued already."""
+        if self._cold_while_loading and (self.arena.free or self.arena.disk.reader.in_flight < self.background):
+            if self._load(key, pinned) is not None:
+                pinned.add(key)
 
     def _tiers(self, weights: np.ndarray) -> np.ndarray:
         if self.opt.miss == MissMode.HOT:
@@ -198,6 +230,8 @@ class ExpertCache:
 
     def _cold(self, layer: int, e: int, tokens: int) -> Expert:
         """The cold copy, uploaded to a staging slot when placement (or the cost model) puts it on the GPU."""
+        if isinstance(self.cold, StagedCold):                                # read from disk for this layer
+            return self.cold.get(layer, e)
         src = self.cold[layer][e]
         place = self.opt.miss_placement
         gpu = place == Placement.GPU or (place == Placement.AUTO and self.miss_cost is not None
@@ -209,7 +243,11 @@ class ExpertCache:
         return staged
 
     def _stream(self, layer: int, e: int) -> Expert:
-        """No slot can be freed (the budget is below one layer's selection): compute from the mmap directly."""
+        """No slot can be freed (the budget is below one layer's selection): compute from the mmap directly, or
+        on the disk tier (where the map is never read) with the cold copy."""
+        if self._disk and self.cold is not None:
+            self.stats[layer].cold += 1
+            return self._cold(layer, e, 1)
         src = self.hot[layer][e]
         self.stats[layer].bytes_moved += src.nbytes
         return src
@@ -232,6 +270,15 @@ class ExpertCache:
         total = {k: sum(s[k] for s in moe_layers) for k in asdict(LayerStats())}
         total["tokens"] = max((s["tokens"] for s in moe_layers), default=0)
         total["prefetch_accuracy"] = total["predicted_right"] / total["predicted"] if total["predicted"] else None
+        selections = total["hits"] + total["misses"]
+        total["hit_rate"] = {"hot": total["hits"] / selections if selections else None,
+                             "cold": total["cold"] / selections if selections else None,
+                             "disk": (total["misses"] - total["cold"] - total["skipped"]) / selections
+                             if selections and self._disk else None}
+        readers = self._readers()
+        total.update(disk_bytes=sum(r.bytes_read for r in readers), disk_reads=sum(r.reads for r in readers),
+                     stall_s=sum(r.stall_s for r in readers), cold_resident=bool(self.cold) and
+                     not isinstance(self.cold, StagedCold))
         total.update(budget_bytes=self.budget_bytes, slots=self.arena.n_slots, resident=len(self.arena.slot_of),
                      policy_hits=self.policy.hits, policy_misses=self.policy.misses,
                      layers=layers, activations=self.activations.tolist())
@@ -241,3 +288,33 @@ class ExpertCache:
         self.stats = [LayerStats() for _ in range(self.n_layer)]
         self.activations[:] = 0
         self._predicted = [None] * self.n_layer
+        for r in self._readers():
+            r.reset_stats()
+
+    def clear(self) -> None:
+        """Empty the arena and forget every count, as if just loaded (after the warm-up at load)."""
+        for key in list(self.arena.slot_of):
+            self.arena.experts[key].ready.wait()
+            self.arena.drop(key)
+        self.policy = make_policy(self.opt.cache_policy, self.n_layer)
+        self._in_use = set()
+        self.reset_stats()
+
+    def cold_samples(self) -> list[Expert]:
+        """One cold expert of each (gate, up, down) type combination, its bytes in place (to warm kernels)."""
+        if isinstance(self.cold, StagedCold):
+            kinds = {(e.gate.qtype, e.up.qtype, e.down.qtype): (i, j)
+                     for i, layer in enumerate(self.cold.disk.layouts) for j, e in enumerate(layer)}
+            self.cold.begin()
+            out = [self.cold.get(i, j) for i, j in kinds.values()]
+            for e in out:
+                e.ready.wait()
+            return out
+        kinds = {(e.gate.qtype, e.up.qtype, e.down.qtype): e for layer in self.cold or [] for e in layer}
+        return list(kinds.values())
+
+    def _readers(self) -> list[Any]:
+        out = [self.arena.disk.reader] if self._disk else []
+        if isinstance(self.cold, StagedCold):
+            out.append(self.cold.disk.reader)
+        return out

@@ -10,12 +10,13 @@ from ..weights import WeightReader
 from .expert import Expert
 
 
-def open_cold(main: GGUFFile, path: Path) -> GGUFFile:
-    """The cold copies at `path`, checked to belong to `main`; errors say what to do."""
+def open_cold(main: GGUFFile, path: Path, random_access: bool = False) -> GGUFFile:
+    """The cold copies at `path`, checked to belong to `main`; errors say what to do (`random_access`: see
+    GGUFFile)."""
     if not path.is_file():
         raise FileNotFoundError(f"cold expert copies {path} not found: convert with `moe-convert MODEL {main.path}` "
                                 "(it writes them next to the main file), or serve misses hot (miss='hot', --miss hot)")
-    cold = GGUFFile(path)
+    cold = GGUFFile(path, random_access)
     want, have = main.get(keys.EXPERTS_SHA256), cold.get(keys.COLD_OF)
     if have is None:
         raise GGUFError(f"{path} is not a hotcold cold-copy file (no {keys.COLD_OF}); give the OUT.cold.gguf "
