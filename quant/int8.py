@@ -75,7 +75,7 @@ class Acts:
             fmt, r = KERNELS[qtype][0], self.rows
             self.need(fmt)
             if fmt == QType.Q8_K:
-                ops = self.q8k[:r], self.q8k_d[:r], self.q8k_b16[:r] if qtype == QType.Q6_K else self.q8k_b32[:r]
+                ops = self.q8k[:r], self.q8k_d[:r], self.q8k_b16[:r] if qtype in (QType.Q6_K, QType.Q2_K) else self.q8k_b32[:r]
             else:
                 ops = self.q80[:r], self.q80_d[:r], self.q80_s[:r]
             self._forms[qtype] = ops
@@ -250,6 +250,16 @@ def mm_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: n
     _mm_k(w, q, d, b16, out, 210, 16, simd.q6_k_block1, simd.q6_k_block4)
 
 
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def mv_q2_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
+    _mv_k(w, q, d, b16, out, 84, 16, simd.q2_k_block1)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def mm_q2_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
+    _mm_k(w, q, d, b16, out, 84, 16, simd.q2_k_block1, simd.q2_k_block4)
+
+
 # ---- Q8_0 and Q4_0 x Q8_0 ----
 # block_q8_0: d (fp16), qs[32] (int8): (w + 128) . x - 128 * sum(x) keeps the bytes unsigned for the dot;
 # block_q4_0: d, qs[16]: weights d * (nibble - 8): nibble . x - 8 * sum(x). Activations: q, d, s (block sums),
@@ -276,6 +286,12 @@ def mm_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.
 
 
 # ---- SwiGLU's gate and up against one activation row ----
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def mv_glu_q2_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
+                u: np.ndarray) -> None:
+    _mv_glu(wg, wu, q, d, b, g, u, 84, 16, simd.q2_k_block1)
+
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q4_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
@@ -311,6 +327,7 @@ def mv_glu_q4_0(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b:
 
 # weight type -> (activation format, kernel for one row, kernel for several)
 KERNELS: dict[QType, tuple[QType, Callable, Callable]] = {
+    QType.Q2_K: (QType.Q8_K, mv_q2_k, mm_q2_k),
     QType.Q4_K: (QType.Q8_K, mv_q4_k, mm_q4_k),
     QType.Q5_K: (QType.Q8_K, mv_q5_k, mm_q5_k),
     QType.Q6_K: (QType.Q8_K, mv_q6_k, mm_q6_k),
@@ -319,7 +336,7 @@ KERNELS: dict[QType, tuple[QType, Callable, Callable]] = {
 } if simd.AVAILABLE else {}
 
 # weight type -> the kernel for SwiGLU's gate and up against one row
-GLU: dict[QType, Callable] = {QType.Q4_K: mv_glu_q4_k, QType.Q5_K: mv_glu_q5_k, QType.Q6_K: mv_glu_q6_k,
+GLU: dict[QType, Callable] = {QType.Q2_K: mv_glu_q2_k, QType.Q4_K: mv_glu_q4_k, QType.Q5_K: mv_glu_q5_k, QType.Q6_K: mv_glu_q6_k,
                               QType.Q8_0: mv_glu_q8_0, QType.Q4_0: mv_glu_q4_0} if simd.AVAILABLE else {}
 
 

@@ -225,6 +225,54 @@ def _make_q6_k_block(ntok: int) -> Any:
 q6_k_block1, q6_k_block4 = _make_q6_k_block(1), _make_q6_k_block(4)
 
 
+def _make_q2_k_block(ntok: int) -> Any:
+    """Q2_K blocks (scales[16]: 4-bit scale and 4-bit min per 16 quants, qs[64]: 2-bit quants, d, dmin) against
+    Q8_K activations, as ggml_vec_dot_q2_K_q8_K: per row sum(sc * (q2 . x)) scaled by d, minus
+    sum(min * b16) scaled by dmin; the quants and scales decoded once."""
+    @intrinsic
+    def q2_k_block(typingctx: Any, accf: Any, fo: Any, w: Any, wo: Any, q: Any, qo: Any, qs: Any, b16: Any, bo: Any,
+                   bs: Any, d: Any, do: Any, ds: Any) -> Any:
+        sig = types.void(accf, fo, w, wo, q, qo, qs, b16, bo, bs, d, do, ds)
+
+        def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+            accf_v, fo_v, w_v, wo_v, q_v, qo_v, qs_v, b_v, bo_v, bs_v, d_v, do_v, ds_v = args
+            fa, wd, qd, bd, dd = _block_data(context, builder, sig, args)
+            sm = _load_at(builder, wd, wo_v, _B16)
+            sc16 = builder.zext(builder.and_(sm, ir.Constant(_B16, [15] * 16)), _W16)
+            mn16 = builder.zext(builder.lshr(sm, ir.Constant(_B16, [4] * 16)), _W16)
+            mins = [builder.zext(builder.shuffle_vector(mn16, ir.Constant(_W16, ir.Undefined),
+                                                        ir.Constant(ir.VectorType(_I32, 8), list(range(8 * i, 8 * i + 8)))), _D8)
+                    for i in range(2)]
+            dw, dminw = _f16_pair(builder, wd, _plus(builder, wo_v, 80))
+            quants, scales = [], []
+            for j in range(2):                                       # 128 quants per 32 bytes of qs
+                bits = _load_at(builder, wd, _plus(builder, wo_v, 16 + 32 * j), _B32)
+                for sh in range(4):                                  # quants 128j + 32sh .. +32
+                    quants.append(builder.and_(builder.lshr(bits, ir.Constant(_B32, [2 * sh] * 32)), ir.Constant(_B32, [3] * 32)))
+                    k = 8 * j + 2 * sh                               # their two sub-blocks' scales
+                    scales.append(builder.shuffle_vector(sc16, ir.Constant(_W16, ir.Undefined),
+                                                         ir.Constant(ir.VectorType(_I32, 16), [k] * 8 + [k + 1] * 8)))
+            for t in range(ntok):
+                qt = _row(builder, qo_v, qs_v, t)
+                chains = [ir.Constant(_D8, [0] * 8) for _ in range(4)]
+                for i in range(8):
+                    qv = _load_at(builder, qd, _plus(builder, qt, 32 * i), _B32)
+                    chains[i % 4] = _madd_acc(builder, chains[i % 4], _maddubs(builder, quants[i], qv), scales[i])
+                total = builder.add(builder.add(chains[0], chains[1]), builder.add(chains[2], chains[3]))
+                bt = _row(builder, bo_v, bs_v, t)
+                m = builder.add(builder.mul(mins[0], _load_at(builder, bd, bt, _D8, 4)),
+                                builder.mul(mins[1], _load_at(builder, bd, _plus(builder, bt, 8), _D8, 4)))
+                dx = _load_at(builder, dd, _row(builder, do_v, ds_v, t), _F32, 4)
+                _accumulate(builder, fa, fo_v, t, total, builder.fmul(dx, dw))
+                _accumulate(builder, fa, fo_v, t, m, builder.fneg(builder.fmul(dx, dminw)))
+            return context.get_dummy_value()
+        return sig, codegen
+    return q2_k_block
+
+
+q2_k_block1, q2_k_block4 = _make_q2_k_block(1), _make_q2_k_block(4)
+
+
 def _accumulate(builder: ir.IRBuilder, fa: Any, fo: Any, t: int, vals: Any, scale: Any) -> None:
     """accf[fo + 8t : +8] = fma(float(vals), scale, accf[...]) for int32 lanes vals."""
     pf = builder.bitcast(builder.gep(fa, [builder.add(fo, ir.Constant(fo.type, 8 * t))]), _F8.as_pointer())
