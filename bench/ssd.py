@@ -9,7 +9,11 @@ in the mmap, the only way it runs a file larger than memory). llama.cpp on the u
 the alternative a user would pick (a smaller file). Quality: argmax agreement and mean KL of each run's logits
 against the unconstrained Q8_0 engine on the same tokens. Needs root (cgroups, drop_caches).
 
-    sudo python bench/ssd.py [--gb 2] [--limit 0.55] [--reps 2] [--work DIR]
+Then the shipped trained model at equal memory (--trained-only for just that part): perplexity on held-out
+Python docs of llama.cpp's uniform Q4_K and Q3_K files against hotcold's Q8_0 file with each cold type, under
+ram_budget = the file's size plus hotcold's KV cache.
+
+    sudo python bench/ssd.py [--gb 2] [--limit 0.55] [--reps 2] [--work DIR] [--trained-only]
 """
 from __future__ import annotations
 
@@ -45,14 +49,16 @@ def usage():
 rng = np.random.default_rng(0)
 ids = [1] + [int(t) for t in rng.integers(3, 4000, size=prompt_n - 1)]
 res = {}
-if engine == "hotcold":
+if engine.startswith("hotcold"):
     from hotcold import Model
     import hotcold.engine.api
     held = usage()
     budget = limit - held - (64 << 20)                    # kernels and reader threads come after loading
     res.update(held=held, budget=budget)
-    m = Model(path, n_ctx=prompt_n + n_decode + 8, n_batch=64, ram_budget=budget, verbose=True)
-    res["plan"] = m.plan.describe(sum(len(l) for l in m.model.experts.experts))
+    opts = dict(ram_budget=budget) if engine == "hotcold" else {}
+    m = Model(path, n_ctx=prompt_n + n_decode + 8, n_batch=64, verbose=True, **opts)
+    res["plan"] = m.plan.describe(sum(len(l) for l in m.model.experts.experts)) if m.plan else "no budget"
+    res["after_load"] = usage()
     m.reset_expert_stats()
     r0 = read_bytes()
     toks = list(m.generate(ids, max_tokens=n_decode, temperature=0, ignore_eos=True))
@@ -61,7 +67,7 @@ if engine == "hotcold":
     res.update(prompt_tps=t["prompt_tokens"] / t["prompt_s"], decode_tps=t["gen_tokens"] / t["gen_s"],
                disk_per_token=(read_bytes() - r0) / max(s["tokens"], 1),
                stall=s["stall_s"] / max(s["tokens"], 1), compute=s["compute_s"] / max(s["tokens"], 1),
-               faults=s["major_faults"], hit_rate=s["hit_rate"], memory=m.memory())
+               faults=s["major_faults"], hit_rate=s.get("hit_rate"), memory=m.memory())
     seq = ids + [int(x) for x in m.ctx.tokens[len(ids):]]
     logits = m.logits(seq)[-n_decode:]
 else:
@@ -74,22 +80,26 @@ else:
     llama_cpp.llama_cpp.llama_model_default_params = params
     llm = llama_cpp.Llama(path, n_ctx=prompt_n + n_decode + 8, n_batch=64, n_threads=2, n_threads_batch=2,
                           verbose=False, logits_all=True)
-    llama_cpp.llama_perf_context_reset(llm.ctx)
     r0 = read_bytes()
     seq = list(ids)
+    t0 = time.perf_counter()
     for i, tok in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True)):
+        if i == 0:
+            t1 = time.perf_counter()                       # the prompt evaluated, its first token sampled
         if i >= n_decode:
             break
         seq.append(int(tok))
-    d = llama_cpp.llama_perf_context(llm.ctx)
-    res.update(prompt_tps=d.n_p_eval / (d.t_p_eval_ms / 1e3), decode_tps=d.n_eval / (d.t_eval_ms / 1e3),
-               disk_per_token=(read_bytes() - r0) / max(d.n_eval + d.n_p_eval, 1))
+    t2 = time.perf_counter()
+    res.update(prompt_tps=len(ids) / (t1 - t0), decode_tps=n_decode / (t2 - t1),
+               disk_per_token=(read_bytes() - r0) / (n_decode + 1))
     seq = seq[:len(ids) + n_decode]
     llm.reset()
     llm.eval(seq)
     logits = np.array(llm.scores[len(seq) - n_decode:len(seq)], dtype=np.float32)
 np.save(out, logits)
 res["seq"] = seq
+res["stat"] = {k: int(v) for k, v in (ln.split() for ln in open(os.environ["CG"] + "/memory.stat"))
+               if k in ("total_rss", "total_cache", "total_mapped_file")}
 print("RESULT", json.dumps(res))
 """
 
@@ -193,11 +203,16 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--work", type=Path, default=None, help="folder for the checkpoint and files (default: temp)")
+    ap.add_argument("--trained-only", action="store_true", help="only the trained model at equal memory")
+    ap.add_argument("--chars", type=int, default=16000, help="held-out characters for the trained model's perplexity")
     args = ap.parse_args()
     if os.geteuid() != 0 or not CGROUP.is_dir():
         sys.exit("bench/ssd.py needs root and the cgroup v1 memory controller at /sys/fs/cgroup/memory")
     work = args.work or Path(tempfile.mkdtemp(prefix="hotcold-ssd-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.trained_only:
+        trained_equal_memory(work, args.chars, 256)
+        return
     ckpt = work / "checkpoint"
     files = {"q8_0": work / "gen-q8_0.gguf", "q2_k": work / "gen-q2_k.gguf", "q4_k": work / "gen-q4_k.gguf"}
     if not all(f.is_file() for f in files.values()):
@@ -214,16 +229,17 @@ def main() -> None:
     print(f"Q8_0 file {size / 1e9:.2f} GB (+ Q2_K cold copies {files['q8_0'].with_suffix('.cold.gguf').stat().st_size / 1e9:.2f} GB), "
           f"limit {limit / 1e9:.2f} GB ({args.limit:.0%})", flush=True)
     runs = [("hotcold", "q8_0"), ("llama-norepack", "q8_0")]
-    extra = [("llama", "q2_k"), ("llama", "q4_k")]
+    extra = [("llama", "q2_k"), ("llama", "q4_k"), ("hotcold-nolimit", "q8_0"), ("llama-nolimit", "q8_0")]
     results: dict[tuple[str, str], list[dict]] = {}
     killed: dict[tuple[str, str], int] = {}
     for rep in range(args.reps):
         for engine, t in runs + (extra if rep == 0 else []):
             drop_caches()
             out = work / f"logits-{engine}-{t}-{rep}.npy"
-            r, peak = in_cgroup(f"hotcold-ssd-{os.getpid()}", limit,
-                                [sys.executable, "-c", _WORKER, engine, str(files[t]), str(limit), str(args.prompt),
-                                 str(args.decode), str(out)])
+            lim = 64 << 30 if engine.endswith("nolimit") else limit
+            r, peak = in_cgroup(f"hotcold-ssd-{os.getpid()}", lim,
+                                [sys.executable, "-c", _WORKER, engine, str(files[t]), str(lim),
+                                 str(args.prompt), str(args.decode), str(out)])
             line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
             if r.returncode or line is None:
                 killed[(engine, t)] = killed.get((engine, t), 0) + 1
@@ -234,9 +250,14 @@ def main() -> None:
             results.setdefault((engine, t), []).append(res)
             print(f"{engine:>14} {t}: decode {res['decode_tps']:.2f} tok/s, prompt {res['prompt_tps']:.2f} tok/s, "
                   f"disk {res['disk_per_token'] / 1e9:.3f} GB/token, peak {peak / 1e9:.2f} GB", flush=True)
-            if engine == "hotcold":
-                print(f"    process held {res['held'] / 1e9:.3f} GB before loading; ram_budget {res['budget'] / 1e9:.3f} GB; "
-                      f"{res['plan']}", flush=True)
+            st = res["stat"]
+            print(f"    at the end: rss {st['total_rss'] / 1e9:.3f} GB, page cache {st['total_cache'] / 1e9:.3f} GB "
+                  f"(mapped {st['total_mapped_file'] / 1e9:.3f} GB)", flush=True)
+            if engine.startswith("hotcold"):
+                mem = res["memory"]
+                print("    Model.memory(): " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()), flush=True)
+                print(f"    process held {res['held'] / 1e9:.3f} GB before loading, {res['after_load'] / 1e9:.3f} GB after; "
+                      f"ram_budget {res['budget'] / 1e9:.3f} GB; {res['plan']}", flush=True)
     # quality: each run's logits against the unconstrained Q8_0 engine on the same tokens
     print(f"\n{'engine':>14} {'file':>5} {'decode tok/s':>12} {'prompt tok/s':>12} {'GB/token':>9} {'stall s/tok':>11} "
           f"{'compute s/tok':>13} {'peak GB':>8} {'argmax':>7} {'mean KL':>8}")
@@ -246,7 +267,7 @@ def main() -> None:
         a, b = np.load(ref), np.load(rs[0]["logits"])
         agree = float((a.argmax(-1) == b.argmax(-1)).mean())
         med = {k: float(np.median([r[k] for r in rs])) for k in ("decode_tps", "prompt_tps", "disk_per_token", "peak")}
-        stall = f"{np.median([r['stall'] for r in rs]):.4f}" if "stall" in rs[0] else "-"
+        stall = f"{np.median([r['stall'] for r in rs]):.4f}" if "stall" in rs[0] and engine == "hotcold" else "-"
         comp = f"{np.median([r['compute'] for r in rs]):.4f}" if "compute" in rs[0] else "-"
         print(f"{engine:>14} {t:>5} {med['decode_tps']:12.2f} {med['prompt_tps']:12.2f} {med['disk_per_token'] / 1e9:9.3f} "
               f"{stall:>11} {comp:>13} {med['peak'] / 1e9:8.2f} {agree:7.3f} {kl(a, b):8.4f}")
@@ -258,6 +279,84 @@ def main() -> None:
         print(f"{k[0]} {k[1]}: {n} run(s) failed or killed")
     print("GB/token: /proc/self/io read_bytes during generation per token; peak: the cgroup's max usage (page cache "
           "included); argmax, mean KL: against the Q8_0 file without a limit on the same tokens")
+    trained_equal_memory(work, args.chars, 256)
+
+
+_PPL = r"""
+import json, os, sys
+from hotcold import Model
+path, text_file, n_ctx, opts = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+for f in (path, opts.get("cold_path", path)):          # memory() counts the page cache: start from none
+    fd = os.open(f, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
+text = open(text_file, encoding="utf-8").read()
+m = Model(path, n_ctx=n_ctx, n_batch=1, **opts)
+ids = m.tokenize(text)
+ppl = m.perplexity(ids, n_ctx=n_ctx)
+mem = m.memory()
+print("RESULT", json.dumps(dict(ppl=ppl, plan=m.plan.describe(32) if m.plan else None, memory=mem, tokens=len(ids))))
+"""
+
+
+def trained_equal_memory(work: Path, chars: int, n_ctx: int) -> None:
+    """The shipped trained model at equal memory: llama.cpp's uniform Q4_K and Q3_K files against hotcold's
+    Q8_0 file with cold copies under ram_budget = each file's size plus hotcold's KV cache."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tradeoff import held_out_text, llama_cpp_ppl
+    from hotcold.convert import convert
+    text = held_out_text(None)[:chars]
+    text_file = work / "held-out.txt"
+    text_file.write_text(text, encoding="utf-8")
+    q8 = work / "trained-q8_0.gguf"
+    if not q8.is_file():
+        convert(TRAINED, q8, type="q8_0", cold_type=None, progress=False)
+    colds = {}
+    for ct in ("q2_k", "q3_k", "q4_k"):
+        colds[ct] = work / f"trained-q8_0.{ct}.cold.gguf"
+        if not colds[ct].is_file():
+            tmp = work / f"trained-cold-{ct}.gguf"
+            convert(TRAINED, tmp, type="q8_0", cold_type=ct, progress=False)
+            tmp.with_suffix(".cold.gguf").rename(colds[ct])
+            tmp.unlink()
+    uniform = {}
+    for t in ("q4_k", "q3_k"):
+        uniform[t] = work / f"trained-{t}.gguf"
+        if not uniform[t].is_file():
+            convert(TRAINED, uniform[t], type=t, cold_type=None, progress=False)
+    def hotcold_ppl(**opts: object) -> dict:
+        r = subprocess.run([sys.executable, "-c", _PPL, str(q8), str(text_file), str(n_ctx), json.dumps(opts)],
+                           capture_output=True, text=True, cwd=tempfile.gettempdir())
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
+        if line is None:
+            return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:160]}
+        return json.loads(line[len("RESULT "):])
+
+    base = hotcold_ppl()
+    kv = base["memory"]["kv_cache"]
+    from hotcold.engine.gguf_file import GGUFFile
+    from hotcold.engine.tokenizer import Tokenizer
+    f = GGUFFile(q8)                                       # the tokenizer only: no Model maps the file here
+    ids = Tokenizer.from_metadata(f.metadata).encode(text, add_special=True)
+    f.close()
+    print(f"\ntrained model, equal memory: {len(text)} characters of the held-out docs ({len(ids)} tokens), "
+          f"n_ctx {n_ctx}; hotcold's KV cache {kv / 2**20:.2f} MiB")
+    print(f"{'file':>28} {'MiB':>6} {'llama.cpp ppl':>13} | hotcold Q8_0 + cold copies, ram_budget = size + KV")
+    print(f"{'Q8_0 (no limit)':>28} {q8.stat().st_size / 2**20:6.2f} {llama_cpp_ppl(q8, ids, n_ctx):13.4f} | "
+          f"hotcold {base['ppl']:.4f}")
+    for t, f in uniform.items():
+        budget = f.stat().st_size + kv
+        row = []
+        for ct, cf in colds.items():
+            for miss in ("adaptive", "cold"):
+                res = hotcold_ppl(ram_budget=budget, cold_path=str(cf), miss=miss)
+                if "error" in res:
+                    row.append(f"cold {ct} {miss}: {res['error']}")
+                    continue
+                row.append(f"cold {ct} {miss}: {res['ppl']:.4f} (memory {res['memory']['total'] / 2**20:.2f} MiB, "
+                           f"page cache {res['memory']['page_cache'] / 2**20:.2f}; {res['plan']})")
+        print(f"{'uniform ' + t.upper():>28} {f.stat().st_size / 2**20:6.2f} {llama_cpp_ppl(f, ids, n_ctx):13.4f} | "
+              f"ram_budget {budget / 2**20:.2f} MiB:")
+        for line in row:
+            print(f"{'':>50} {line}")
 
 
 def _run_ref(path: Path, seq: list[int], n_decode: int, out: Path) -> None:

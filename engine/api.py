@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import mmap
 import resource
 import subprocess
 import sys
@@ -216,7 +217,11 @@ class Model:
             self.cold_file = open_cold(self.file, opt.cold_path or cold_path_for(self.path), random_access=True)
             cold_layouts = cold_experts(self.cold_file, self.model.cfg.n_layer)
         k, n_moe = self.model.cfg.n_expert_used, sum(1 for layer in hot if layer)
-        self.plan = plan = plan_memory(budget, self._fixed_memory(), expert_shape(hot, k),
+        # the page an expert tensor shares with a dense neighbour stays cached (the dense side reads it)
+        files = [self.file] + ([self.cold_file] if cold_layouts else [])
+        shared = 2 * mmap.PAGESIZE * sum("_exps." in t for f in files for t in f.tensors)
+        fixed = {**self._fixed_memory(), "shared pages": shared}
+        self.plan = plan = plan_memory(budget, fixed, expert_shape(hot, k),
                                        expert_shape(cold_layouts, k) if cold_layouts else None, opt.expert_budget)
         self._readers = [DiskReader(self.path)]
         disk = DiskExperts(self.file, hot, self._readers[0])

@@ -23,5 +23,6 @@ class LayerStats:
 def plain_report() -> dict[str, Any]:
     """What expert_stats() returns when no cache is configured: nothing counted."""
     total: dict[str, Any] = dict.fromkeys(asdict(LayerStats()), 0)
-    total.update(prefetch_accuracy=None, layers=[], activations=[], budget_bytes=None)
+    total.update(prefetch_accuracy=None, layers=[], activations=[], budget_bytes=None, disk_bytes=0, disk_reads=0,
+                 stall_s=0.0, cold_resident=False, hit_rate={"hot": None, "cold": None, "disk": None})
     return total
