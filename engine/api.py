@@ -221,14 +221,16 @@ class Model:
         files = [self.file] + ([self.cold_file] if cold_layouts else [])
         shared = 2 * mmap.PAGESIZE * sum("_exps." in t for f in files for t in f.tensors)
         fixed = {**self._fixed_memory(), "shared pages": shared}
-        self.plan = plan = plan_memory(budget, fixed, expert_shape(hot, k),
-                                       expert_shape(cold_layouts, k) if cold_layouts else None, opt.expert_budget)
         self._readers = [DiskReader(self.path)]
         disk = DiskExperts(self.file, hot, self._readers[0])
-        cold: Any = None
+        cold_disk = None
         if cold_layouts:
             self._readers.append(DiskReader(self.cold_file.path))
             cold_disk = DiskExperts(self.cold_file, cold_layouts, self._readers[1])
+        self.plan = plan = plan_memory(budget, fixed, disk.shape(k), cold_disk.shape(k) if cold_disk else None,
+                                       opt.expert_budget)
+        cold: Any = None
+        if cold_disk is not None:
             if plan.cold_resident:
                 cold, self._cold_buf = resident_copies(cold_disk)
             else:
@@ -238,7 +240,8 @@ class Model:
         # loads ahead (prefetch, a hot copy loading while the cold one serves) pay only when the arena holds a
         # token's whole selection: smaller, LRU evicts them before they are used, and their reads take a core
         ahead = plan.hot_slots >= n_moe * k
-        hot_opt = dataclasses.replace(opt, expert_budget=Budget(nbytes=plan.hot_bytes),
+        # the cache counts slots of the experts' own size; the arena sizes them for the reads (whole pages)
+        hot_opt = dataclasses.replace(opt, expert_budget=Budget(nbytes=plan.hot_slots * expert_shape(hot).slot_bytes),
                                       prefetch=opt.prefetch if self._prefetch_given or not ahead else 1)
         cache = ExpertCache(hot, hot_opt, cold, functools.partial(DiskArena, disk=disk))
         if not ahead:

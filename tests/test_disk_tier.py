@@ -42,6 +42,16 @@ def _fresh(model: Path, tmp: Path) -> Path:
     return out
 
 
+def _owner(m) -> dict[int, tuple[int, int]]:
+    """Read offset -> (layer, expert): a read starts at its extent's offset, or at that offset's page (O_DIRECT)."""
+    out = {}
+    for i, layer in enumerate(expert_extents(m.file, m.model.experts.experts)):
+        for e, x in enumerate(layer):
+            for off, _ in x:
+                out[off] = out[off - off % 4096] = (i, e)
+    return out
+
+
 def _shared_pages(m) -> int:
     """Bytes of the pages an expert tensor shares with the dense tensors around it (two per tensor)."""
     return 2 * os.sysconf("SC_PAGE_SIZE") * sum("_exps." in t for t in m.file.tensors)
@@ -88,7 +98,10 @@ def test_too_small_names_what_is_held_and_the_least_that_works() -> None:
 
 # --- the model under a budget -------------------------------------------------------------------------------
 
-def test_a_budget_holding_everything_equals_the_plain_engine_bit_for_bit(trained_q8: Path) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_a_budget_holding_everything_equals_the_plain_engine_bit_for_bit(trained_q8: Path, direct: bool,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(disk_mod, "DIRECT", direct)
     plain = _load(trained_q8)
     ids = plain.tokenize(PROMPT)
     m = _load(trained_q8, ram_budget="64MiB", miss="hot")
@@ -98,8 +111,10 @@ def test_a_budget_holding_everything_equals_the_plain_engine_bit_for_bit(trained
     assert np.array_equal(one.logits(ids), _load(trained_q8, n_batch=1).logits(ids))
 
 
-def test_memory_parts_stay_under_the_budget_and_the_reads_leave_no_page_cache(trained_q8: Path,
-                                                                               tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_memory_parts_stay_under_the_budget_and_the_reads_leave_no_page_cache(
+        trained_q8: Path, tmp_path: Path, direct: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(disk_mod, "DIRECT", direct)
     budget = 10 * MiB
     m = _load(_fresh(trained_q8, tmp_path), ram_budget=budget)
     "".join(m.generate(PROMPT, max_tokens=16, temperature=0))
@@ -111,6 +126,13 @@ def test_memory_parts_stay_under_the_budget_and_the_reads_leave_no_page_cache(tr
     assert mem["page_cache"] <= _shared_pages(m)                      # pages shared with dense tensors at most
     s = m.expert_stats()
     assert s["disk_bytes"] > 0 and s["cold"] > 0 and s["tokens"] > 0
+    assert m._readers[0].direct == (direct and m._readers[0].dfd is not None)
+
+
+def test_o_direct_buffers_hold_whole_pages_with_the_bytes_at_their_offset() -> None:
+    assert disk_mod.span(4096 * 3 + 100, 5000, True) == (100, 8192)
+    assert disk_mod.span(4096 * 3 + 100, 5000, False) == (0, 5000)
+    assert disk_mod.span(8192, 4096, True) == (0, 4096)
 
 
 def test_expert_bytes_are_read_by_the_reader_only(trained_q8: Path, tmp_path: Path,
@@ -128,8 +150,7 @@ def test_expert_bytes_are_read_by_the_reader_only(trained_q8: Path, tmp_path: Pa
     m.reset_expert_stats()
     "".join(m.generate(PROMPT, max_tokens=8, temperature=0))
     s = m.expert_stats()
-    starts = {ext[0]: (i, e) for i, layer in enumerate(expert_extents(m.file, m.model.experts.experts))
-              for e, x in enumerate(layer) for ext in x}
+    starts = _owner(m)
     per_expert: dict[tuple[int, int], int] = {}
     for off in reads:
         per_expert[starts[off]] = per_expert.get(starts[off], 0) + 1
@@ -164,8 +185,7 @@ def test_reads_overlap_compute(trained_q8: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(disk_mod.os, "preadv", reading)
     monkeypatch.setattr(moe_mod, "combine", computing)
     m = _load(trained_q8, ram_budget="11MiB", miss="hot", prefetch=1, n_batch=1)
-    layer_of = {x[0]: i for i, layer in enumerate(expert_extents(m.file, m.model.experts.experts))
-                for e in layer for x in e}
+    layer_of = {off: key[0] for off, key in _owner(m).items()}
     events.clear()
     "".join(m.generate(PROMPT, max_tokens=4, temperature=0))
     layer, overlapped = -1, 0

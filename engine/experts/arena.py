@@ -120,18 +120,23 @@ class DiskArena(Arena):
     the reader's threads and hands out the slot with the read as its readiness (experts.disk)."""
 
     def __init__(self, n_slots: int, slot_bytes: int, n_layer: int, n_expert: int, disk: Any = None) -> None:
-        super().__init__(n_slots, slot_bytes, n_layer, n_expert)
+        super().__init__(n_slots, disk.slot_bytes(), n_layer, n_expert)   # whole pages per matrix for O_DIRECT
         self.disk = disk                                               # experts.disk.DiskExperts
         self._pending: dict[int, Any] = {}                             # slot -> its last read
         self._failed: list[Key] = []
+        self._disk_views: dict[tuple, tuple[Expert, tuple]] = {}       # (slot, layout) -> views, read spans
 
     def load(self, key: Key, src: Expert) -> Expert:
         slot = self.free.pop()
         prev = self._pending.pop(slot, None)
         if prev is not None and not prev.done():                       # an evicted read still writing here
             prev.future.exception()
-        view = self._view(slot, src)
-        pending = self.disk.fill(key[0], key[1], (view.gate.raw, view.up.raw, view.down.raw))
+        vk = (slot, self.disk.key(*key))
+        made = self._disk_views.get(vk)
+        if made is None:
+            made = self._disk_views[vk] = self.disk.views(key[0], key[1], self.buf[slot])
+        view, dsts = made
+        pending = self.disk.fill(key[0], key[1], dsts)
         pending.future.add_done_callback(lambda f, key=key: f.exception() is not None and self._failed.append(key))
         self._pending[slot] = pending
         self.slot_of[key] = slot

@@ -1,10 +1,12 @@
 """The disk tier: experts' bytes read from their GGUF file with `os.preadv` into buffers the store owns, never
 through the map, on a small pool of reader threads (a read releases the GIL, so it overlaps the kernels).
 
-Each read is followed by `posix_fadvise(DONTNEED)` on its range, so the page cache does not keep a second copy
-of what the store already holds (the budget counts the store's copy only). A read in flight is a `Pending`,
-the readiness handle (expert.Ready) that compute waits on; the time spent waiting is the stall the store
-reports.
+The page cache must not keep a second copy of what the store holds (the budget counts the store's copy only):
+reads use O_DIRECT where the filesystem allows it, straight from the disk into the store's buffer, which is
+laid out for it (each matrix in a span of whole pages, its bytes at the file offset's place in its first
+page); elsewhere (tmpfs, some network filesystems) a buffered read is followed by `posix_fadvise(DONTNEED)`
+on its range. A read in flight is a `Pending`, the readiness handle (expert.Ready) that compute waits on; the
+time spent waiting is the stall the store reports.
 """
 from __future__ import annotations
 
@@ -13,16 +15,34 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from ..gguf_file import GGUFFile
 from .expert import Expert
 
+if TYPE_CHECKING:
+    from .planner import ExpertShape
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+ALIGN = 4096     # O_DIRECT's alignment of offsets, lengths and buffers (a page: enough for every block size)
+DIRECT = True    # try O_DIRECT (tests turn it off to run the buffered path)
 Extent = tuple[int, int]                                  # (file offset, bytes)
 ReadFn = Callable[[int, list, int], int]                  # os.preadv's shape: (fd, buffers, offset) -> bytes read
+
+
+def _round_up(n: int, a: int = ALIGN) -> int:
+    return -(-n // a) * a
+
+
+def span(off: int, n: int, direct: bool) -> tuple[int, int]:
+    """Where a range's bytes start in its buffer and the buffer's length: O_DIRECT reads whole aligned pages, so
+    the bytes sit at the offset's place in the first page; a buffered read fills exactly n bytes."""
+    if not direct:
+        return 0, n
+    phase = off % ALIGN
+    return phase, _round_up(phase + n)
 
 
 def drop_cached(fd: int, off: int, n: int) -> None:
@@ -66,10 +86,12 @@ class DiskReader:
     """Reads byte ranges of one file into writable uint8 arrays, now (`read`) or on its threads (`submit`).
     `read_fn` is os.preadv unless a test injects one (to record or to fail reads)."""
 
-    def __init__(self, path: str | Path, threads: int = 2, read_fn: ReadFn | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int = 2, read_fn: ReadFn | None = None,
+                 direct: bool | None = None) -> None:
         self.path = Path(path)
         self.fd = os.open(self.path, os.O_RDONLY)
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)     # no read-ahead past what is asked for
+        self.dfd = self._open_direct() if (DIRECT if direct is None else direct) else None
         self.pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="hotcold-read")
         self._read = read_fn
         self._lock = threading.Lock()
@@ -78,20 +100,44 @@ class DiskReader:
         self.stall_s = 0.0             # seconds compute waited for reads (counted by Pending.wait)
         self.in_flight = 0             # submitted and not finished
 
+    @property
+    def direct(self) -> bool:
+        """Whether reads bypass the page cache (O_DIRECT); buffers are then laid out by `span`."""
+        return self.dfd is not None
+
+    def _open_direct(self) -> int | None:
+        """A second descriptor with O_DIRECT, if the filesystem takes it and a probe read works."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | flag)
+        except OSError:
+            return None
+        try:
+            os.preadv(fd, [memoryview(anonymous(ALIGN))], 0)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
     def read(self, extents: Sequence[Extent], dsts: Sequence[np.ndarray]) -> None:
-        """Fill each dst (contiguous, writable, of the extent's size) with its extent's bytes."""
+        """Fill each dst (contiguous, writable, laid out by `span`) with its extent's bytes."""
         read = self._read or os.preadv
         for (off, n), dst in zip(extents, dsts):
             mv = memoryview(dst.reshape(-1))
-            if len(mv) != n:
-                raise ValueError(f"a buffer of {len(mv)} bytes for a {n}-byte range")
+            phase, length = span(off, n, self.direct)
+            if len(mv) != length:
+                raise ValueError(f"a buffer of {len(mv)} bytes for a {n}-byte range (want {length})")
+            fd, start, need = (self.dfd, off - phase, phase + n) if self.direct else (self.fd, off, n)
             got = 0
-            while got < n:
-                k = read(self.fd, [mv[got:]], off + got)
+            while got < need:                                 # O_DIRECT at the file's end: a short last page
+                k = read(fd, [mv[got:]], start + got)
                 if k <= 0:
-                    raise EOFError(f"the file ends {n - got} bytes short of offset {off + n}")
+                    raise EOFError(f"the file ends {need - got} bytes short of offset {start + need}")
                 got += k
-            drop_cached(self.fd, off, n)
+            if not self.direct:
+                drop_cached(self.fd, off, n)
             with self._lock:
                 self.bytes_read += n
                 self.reads += 1
@@ -116,10 +162,12 @@ class DiskReader:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        for fd in (self.fd, self.dfd):
+            try:
+                if fd is not None:
+                    os.close(fd)
+            except OSError:
+                pass
 
 
 def expert_extents(f: GGUFFile, experts: Sequence[Sequence[Expert]]) -> list[list[tuple[Extent, Extent, Extent]]]:
@@ -128,32 +176,54 @@ def expert_extents(f: GGUFFile, experts: Sequence[Sequence[Expert]]) -> list[lis
 
 
 class DiskExperts:
-    """One file's experts as the disk tier hands them out: `fill` reads expert (layer, e) into three buffers."""
+    """One file's experts as the disk tier hands them out: each expert's buffer size (whole pages per matrix
+    under O_DIRECT), and `views`/`fill` to read expert (layer, e) into a buffer of that size."""
 
     def __init__(self, f: GGUFFile, experts: Sequence[Sequence[Expert]], reader: DiskReader) -> None:
         self.layouts = experts                            # the map views: shapes and types, never read
         self.extents = expert_extents(f, experts)
         self.reader = reader
-        for layer in self.extents:                                # what an earlier reader left cached goes too
+        for layer in self.extents:                        # what an earlier reader left cached goes too
             for x in layer:
                 for off, n in x:
                     drop_cached(reader.fd, off, n)
 
-    def fill(self, layer: int, e: int, dsts: Sequence[np.ndarray]) -> Pending:
-        return self.reader.submit(self.extents[layer][e], dsts, f"expert {e} of layer {layer}")
+    def nbytes_of(self, layer: int, e: int) -> int:
+        return sum(span(off, n, self.reader.direct)[1] for off, n in self.extents[layer][e])
+
+    def slot_bytes(self) -> int:
+        return max((self.nbytes_of(i, e) for i, layer in enumerate(self.layouts) for e in range(len(layer))),
+                   default=0)
 
     def nbytes(self) -> int:
-        return sum(e.nbytes for layer in self.layouts for e in layer)
+        return sum(self.nbytes_of(i, e) for i, layer in enumerate(self.layouts) for e in range(len(layer)))
 
+    def shape(self, used: int) -> "ExpertShape":
+        """What the planner needs to know of these experts, at their buffers' sizes."""
+        from .planner import ExpertShape
+        return ExpertShape(sum(len(layer) for layer in self.layouts), self.slot_bytes(),
+                           max((len(layer) for layer in self.layouts), default=0), self.nbytes(), used)
 
-def views_into(buf: np.ndarray, src: Expert) -> tuple[Expert, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """An Expert laid out like `src` over the start of `buf` (uint8), and its three raw arrays."""
-    from ..weights import QMatrix
-    mats, off = [], 0
-    for m in (src.gate, src.up, src.down):
-        mats.append(QMatrix(buf[off:off + m.raw.nbytes].reshape(m.raw.shape), m.qtype, m.rows, m.cols))
-        off += m.raw.nbytes
-    return Expert(*mats), (mats[0].raw, mats[1].raw, mats[2].raw)
+    def key(self, layer: int, e: int) -> tuple:
+        """What the views of (layer, e) in a buffer depend on: the matrices' layouts and where each starts."""
+        src = self.layouts[layer][e]
+        return tuple((m.qtype, m.rows, m.cols, m.raw.shape, span(off, n, self.reader.direct)[0])
+                     for m, (off, n) in zip((src.gate, src.up, src.down), self.extents[layer][e]))
+
+    def views(self, layer: int, e: int, buf: np.ndarray) -> tuple[Expert, tuple[np.ndarray, ...]]:
+        """Expert (layer, e) laid out over `buf` (uint8, page-aligned under O_DIRECT), and the spans to read into."""
+        from ..weights import QMatrix
+        src = self.layouts[layer][e]
+        mats, dsts, pos = [], [], 0
+        for m, (off, n) in zip((src.gate, src.up, src.down), self.extents[layer][e]):
+            phase, length = span(off, n, self.reader.direct)
+            dsts.append(buf[pos:pos + length])
+            mats.append(QMatrix(buf[pos + phase:pos + phase + n].reshape(m.raw.shape), m.qtype, m.rows, m.cols))
+            pos += length
+        return Expert(*mats), tuple(dsts)
+
+    def fill(self, layer: int, e: int, dsts: Sequence[np.ndarray]) -> Pending:
+        return self.reader.submit(self.extents[layer][e], dsts, f"expert {e} of layer {layer}")
 
 
 def anonymous(nbytes: int) -> np.ndarray:
@@ -178,11 +248,12 @@ def resident_copies(disk: DiskExperts) -> tuple[list[list[Expert]], np.ndarray]:
     off = 0
     for i, layer in enumerate(disk.layouts):
         row = []
-        for e, src in enumerate(layer):
-            view, dsts = views_into(buf[off:off + src.nbytes], src)
+        for e in range(len(layer)):
+            n = disk.nbytes_of(i, e)
+            view, dsts = disk.views(i, e, buf[off:off + n])
             pending.append(disk.fill(i, e, dsts))
             row.append(view)
-            off += src.nbytes
+            off += n
         out.append(row)
     for p in pending:
         p.wait()
@@ -195,7 +266,7 @@ class StagedCold:
 
     def __init__(self, disk: DiskExperts) -> None:
         self.disk = disk
-        self.slot_bytes = max((e.nbytes for layer in disk.layouts for e in layer), default=0)
+        self.slot_bytes = disk.slot_bytes()
         self.n_slots = max((len(layer) for layer in disk.layouts), default=0)
         self.buf = anonymous(self.n_slots * self.slot_bytes).reshape(self.n_slots, self.slot_bytes)
         self._next = 0
@@ -210,7 +281,5 @@ class StagedCold:
     def get(self, layer: int, e: int) -> Expert:
         slot = self._next % max(self.n_slots, 1)
         self._next += 1
-        src = self.disk.layouts[layer][e]
-        view, dsts = views_into(self.buf[slot], src)
-        pending = self.disk.fill(layer, e, dsts)
-        return Expert(view.gate, view.up, view.down, ready=pending)
+        view, dsts = self.disk.views(layer, e, self.buf[slot])
+        return Expert(view.gate, view.up, view.down, ready=self.disk.fill(layer, e, dsts))
