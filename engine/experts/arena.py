@@ -147,7 +147,3 @@ class DiskArena(Arena):
     def failed(self) -> list[Key]:
         out, self._failed = [k for k in self._failed if k in self.slot_of], []
         return out
-
-    def idle(self) -> bool:
-        """Whether the reader has nothing queued (a background load then costs no waiting read)."""
-        return self.disk.reader.in_flight == 0

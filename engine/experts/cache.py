@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ..moe import Plan, Routing, SelectionBias
-from .arena import Arena
+from .arena import Arena, DiskArena
 from .disk import StagedCold
 from .expert import Expert
 from .policies import Key, make_policy
@@ -50,7 +50,7 @@ class ExpertCache:
         self._in_use: set[Key] = set()                                      # the current layer's plan: never evicted
         # a disk arena loads in the background: where the mode allows, a miss is served by the cold copy while
         # its hot copy loads (HOBBIT's mixed precision as latency hiding), at most `background` reads queued
-        self._disk = hasattr(self.arena, "idle")
+        self._disk = isinstance(self.arena, DiskArena)
         self._cold_while_loading = (self._disk and cold is not None and options.miss != MissMode.HOT
                                     and n_slots < len(all_experts))
         self.background = 2
@@ -112,7 +112,8 @@ class ExpertCache:
                 self.policy.use(key, hit=False, hot=False)
                 if (tiers[sel] == Tier.HOT).any() or self.arena.free:
                     self._background(key, pinned)
-                n_cold = int((sel & (tiers != Tier.SKIP)).sum()) if self._cold_while_loading else int((sel & (tiers == Tier.COLD)).sum())
+                served = (tiers != Tier.SKIP) if self._cold_while_loading else (tiers == Tier.COLD)
+                n_cold = int((sel & served).sum())
                 experts[e] = self._cold(layer, e, n_cold)
                 st.bytes_moved += experts[e].nbytes
                 st.cold += n_cold

@@ -85,12 +85,12 @@ def plan_memory(budget: int, fixed: dict[str, int], hot: ExpertShape, cold: Expe
         return (True, cold.total_bytes) if left >= cold.total_bytes else (False, ring)
 
     if expert_budget is not None:
-        want = expert_budget.slots(hot.count, hot.slot_bytes)
-        if want < hot.least_slots(cold is not None) or want * hot.slot_bytes + ring > avail:
+        want, lo, hi = (expert_budget.slots(hot.count, hot.slot_bytes), hot.least_slots(cold is not None),
+                        (avail - ring) // hot.slot_bytes)
+        if not lo <= want <= hi:
             raise RAMBudgetError(
                 f"expert_budget of {want} experts ({fmt_bytes(want * hot.slot_bytes)}) does not fit ram_budget "
-                f"{fmt_bytes(budget)}: between {hot.least_slots(cold is not None)} and {(avail - ring) // hot.slot_bytes} experts fit "
-                "beside what the model holds")
+                f"{fmt_bytes(budget)}: between {lo} and {hi} experts fit beside what the model holds")
         resident, cold_bytes = cold_part(avail - want * hot.slot_bytes)
         return MemoryPlan(budget, fixed, want, hot.slot_bytes, resident, cold_bytes, "expert_budget given")
     if avail >= hot.total_bytes + (ring if cold is not None else 0):
