@@ -205,11 +205,15 @@ class GGUFFile:
             return 0
         page = mmap.PAGESIZE
         base = np.frombuffer(self._mm, dtype=np.uint8, count=1).ctypes.data
+        spans: list[list[int]] = []                         # whole pages, merged: a shared page counts once
+        for start, end in sorted((off // page * page, min(-(-(off + n) // page) * page, -(-self.size // page) * page))
+                                 for off, n in extents):
+            if spans and start <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], end)
+            elif end > start:
+                spans.append([start, end])
         total = 0
-        for off, n in extents:
-            start, end = off // page * page, min(-(-(off + n) // page) * page, -(-self.size // page) * page)
-            if end <= start:
-                continue
+        for start, end in spans:
             vec = np.zeros((end - start) // page, dtype=np.uint8)
             if mincore(ctypes.c_void_p(base + start), ctypes.c_size_t(end - start),
                        vec.ctypes.data_as(ctypes.c_void_p)) != 0:

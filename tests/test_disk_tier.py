@@ -240,3 +240,27 @@ def test_ram_budget_is_for_the_cpu() -> None:
     from hotcold.engine.options import Options
     with pytest.raises(ValueError, match="ram_budget"):
         Options.parse(ram_budget="1GiB", device="cuda")
+
+
+def test_memory_without_a_budget_counts_the_mapped_experts_as_page_cache(trained_q8: Path) -> None:
+    m = _load(trained_q8)
+    mem = m.memory()
+    assert mem["hot_arena"] == mem["cold"] == 0 and mem["kv_cache"] == m.ctx.kv.k.nbytes + m.ctx.kv.v.nbytes
+    experts = sum(e.nbytes for layer in m.model.experts.experts for e in layer)
+    assert experts - _shared_pages(m) <= mem["page_cache"] <= experts + _shared_pages(m)   # prefaulted at load
+    assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
+
+
+def test_moe_run_refuses_a_budget_too_small_in_one_line(trained_q8: Path, capsys: pytest.CaptureFixture) -> None:
+    from hotcold.cli.run import main
+    assert main([str(trained_q8), "-p", "x", "-c", "256", "--ram-budget", "2MiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give at least --ram-budget" in err[0]
+
+
+def test_moe_run_stats_under_a_budget_show_the_disk_counters(trained_q8: Path, capsys: pytest.CaptureFixture) -> None:
+    from hotcold.cli.run import main
+    assert main([str(trained_q8), "-p", PROMPT, "-n", "8", "--temp", "0", "-c", "256", "-b", "64",
+                 "--ram-budget", "14MiB", "--stats"]) == 0
+    err = capsys.readouterr().err
+    assert "MiB read from disk" in err and "served by tier: hot" in err and "bytes_moved: bytes of" in err
