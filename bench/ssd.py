@@ -34,7 +34,7 @@ TRAINED = REPO / "models" / "mixtral-trained"
 CGROUP = Path("/sys/fs/cgroup/memory")
 
 _WORKER = r"""
-import json, os, sys, time
+import json, os, resource, sys, time
 engine, path, limit, prompt_n, n_decode, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 import numpy as np
 
@@ -67,7 +67,7 @@ if engine.startswith("hotcold"):
     res.update(prompt_tps=t["prompt_tokens"] / t["prompt_s"], decode_tps=t["gen_tokens"] / t["gen_s"],
                disk_per_token=(read_bytes() - r0) / max(s["tokens"], 1),
                stall=s["stall_s"] / max(s["tokens"], 1), compute=s["compute_s"] / max(s["tokens"], 1),
-               faults=s["major_faults"], hit_rate=s.get("hit_rate"), memory=m.memory())
+               faults=s["major_faults"] / max(s["tokens"], 1), hit_rate=s.get("hit_rate"), memory=m.memory())
     seq = ids + [int(x) for x in m.ctx.tokens[len(ids):]]
     logits = m.logits(seq)[-n_decode:]
 else:
@@ -80,7 +80,7 @@ else:
     llama_cpp.llama_cpp.llama_model_default_params = params
     llm = llama_cpp.Llama(path, n_ctx=prompt_n + n_decode + 8, n_batch=64, n_threads=2, n_threads_batch=2,
                           verbose=False, logits_all=True)
-    r0 = read_bytes()
+    r0, f0 = read_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     seq = list(ids)
     t0 = time.perf_counter()
     for i, tok in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True)):
@@ -91,7 +91,8 @@ else:
         seq.append(int(tok))
     t2 = time.perf_counter()
     res.update(prompt_tps=len(ids) / (t1 - t0), decode_tps=n_decode / (t2 - t1),
-               disk_per_token=(read_bytes() - r0) / (n_decode + 1))
+               disk_per_token=(read_bytes() - r0) / (n_decode + 1),
+               faults=(resource.getrusage(resource.RUSAGE_SELF).ru_majflt - f0) / (n_decode + 1))
     seq = seq[:len(ids) + n_decode]
     llm.reset()
     llm.eval(seq)
@@ -260,7 +261,7 @@ def main() -> None:
                       f"ram_budget {res['budget'] / 1e9:.3f} GB; {res['plan']}", flush=True)
     # quality: each run's logits against the unconstrained Q8_0 engine on the same tokens
     print(f"\n{'engine':>14} {'file':>5} {'decode tok/s':>12} {'prompt tok/s':>12} {'GB/token':>9} {'stall s/tok':>11} "
-          f"{'compute s/tok':>13} {'peak GB':>8} {'argmax':>7} {'mean KL':>8}")
+          f"{'compute s/tok':>13} {'faults/tok':>10} {'peak GB':>8} {'argmax':>7} {'mean KL':>8}")
     for (engine, t), rs in results.items():
         ref = work / f"ref-{engine}-{t}.npy"
         _run_ref(files["q8_0"], rs[0]["seq"], args.decode, ref)
@@ -269,16 +270,19 @@ def main() -> None:
         med = {k: float(np.median([r[k] for r in rs])) for k in ("decode_tps", "prompt_tps", "disk_per_token", "peak")}
         stall = f"{np.median([r['stall'] for r in rs]):.4f}" if "stall" in rs[0] and engine == "hotcold" else "-"
         comp = f"{np.median([r['compute'] for r in rs]):.4f}" if "compute" in rs[0] else "-"
+        faults = np.median([r["faults"] for r in rs])
         print(f"{engine:>14} {t:>5} {med['decode_tps']:12.2f} {med['prompt_tps']:12.2f} {med['disk_per_token'] / 1e9:9.3f} "
-              f"{stall:>11} {comp:>13} {med['peak'] / 1e9:8.2f} {agree:7.3f} {kl(a, b):8.4f}")
+              f"{stall:>11} {comp:>13} {faults:10.1f} {med['peak'] / 1e9:8.2f} {agree:7.3f} {kl(a, b):8.4f}")
     if ("hotcold", "q8_0") in results and ("llama-norepack", "q8_0") in results:
         h = np.median([r["decode_tps"] for r in results[("hotcold", "q8_0")]])
         ll = np.median([r["decode_tps"] for r in results[("llama-norepack", "q8_0")]])
         print(f"\nhotcold / llama.cpp decode on the same file under the same limit: {h / ll:.2f}x")
     for k, n in killed.items():
         print(f"{k[0]} {k[1]}: {n} run(s) failed or killed")
-    print("GB/token: /proc/self/io read_bytes during generation per token; peak: the cgroup's max usage (page cache "
-          "included); argmax, mean KL: against the Q8_0 file without a limit on the same tokens")
+    print("GB/token: /proc/self/io read_bytes during generation per token; stall: seconds per token waiting for expert "
+          "reads, compute: the rest of the forward passes (hotcold's counters; llama.cpp's stalls are its major page "
+          "faults: faults/tok); peak: the cgroup's max usage (page cache included); argmax, mean KL: against the Q8_0 "
+          "file without a limit on the same tokens")
     trained_equal_memory(work, args.chars, 256)
 
 
