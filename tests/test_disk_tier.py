@@ -177,7 +177,7 @@ def test_reads_overlap_compute(trained_q8: Path, monkeypatch: pytest.MonkeyPatch
     def computing(be, groups, *a, **kw):
         with lock:
             events.append(("compute_start", time.perf_counter(), None))
-        time.sleep(0.002)                                             # long enough for a reader thread to start
+        time.sleep(0.005)                                             # long enough for a reader thread to start
         real_combine(be, groups, *a, **kw)
         with lock:
             events.append(("compute_end", time.perf_counter(), None))
