@@ -76,7 +76,7 @@ def plan_memory(budget: int, fixed: dict[str, int], hot: ExpertShape, cold: Expe
             f"ram_budget {fmt_bytes(budget)} is too small: the model holds {parts}, and the experts need at least "
             f"{hot.least_slots(cold is not None)} slots of {fmt_bytes(hot.slot_bytes)}"
             + (f" and a ring of {fmt_bytes(ring)} for cold copies" if ring else "")
-            + f"; give at least --ram-budget {fmt_bytes(least)} (a smaller -c shrinks the KV cache)")
+            + f"; give at least --ram-budget {fmt_bytes(least)} (a smaller -c shrinks the KV cache, a smaller -b the buffers)")
     avail = budget - held
 
     def cold_part(left: int) -> tuple[bool, int]:
