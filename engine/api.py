@@ -6,10 +6,7 @@
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import inspect
-import mmap
 import resource
 import subprocess
 import sys
@@ -30,11 +27,11 @@ from .backend import Backend, CpuBackend
 from .chat import ChatTemplate
 from .context import Context
 from .experts.cache import ExpertCache
-from .experts.arena import DiskArena
 from .experts.cold import cold_experts, open_cold
-from .experts.disk import DiskExperts, DiskReader, StagedCold, expert_extents, resident_copies
-from .experts.planner import MemoryPlan, expert_shape, plan_memory
-from .experts.rules import Budget, MissMode
+from .experts.disk import StagedCold, expert_extents
+from .experts.planner import MemoryPlan, expert_shape
+from .experts.rules import MissMode
+from .experts.tiered import dense_extents, tiered_store
 from .memory import owned_bytes
 from .config import CacheType
 from .gguf_file import GGUFFile
@@ -100,7 +97,7 @@ class Model:
         self.plan: MemoryPlan | None = None
         self._cold_buf: np.ndarray | None = None
         if opt.ram_budget is not None:   # the dense tensors only: experts are read by the disk tier
-            self.file.prefault([(t.offset, t.nbytes) for t in self.file.tensors.values() if "_exps." not in t.name])
+            self.file.prefault(dense_extents(self.file))
         elif self.file.size < 0.9 * available_memory():
             self.file.prefault()   # page faults at load, not during the first tokens (llama.cpp copies at load)
         self.metadata: dict[str, Any] = self.file.metadata
@@ -216,43 +213,18 @@ class Model:
         if opt.miss != MissMode.HOT or opt.cold_path is not None:
             self.cold_file = open_cold(self.file, opt.cold_path or cold_path_for(self.path), random_access=True)
             cold_layouts = cold_experts(self.cold_file, self.model.cfg.n_layer)
-        k, n_moe = self.model.cfg.n_expert_used, sum(1 for layer in hot if layer)
-        # the page an expert tensor shares with a dense neighbour stays cached (the dense side reads it)
-        files = [self.file] + ([self.cold_file] if cold_layouts else [])
-        shared = 2 * mmap.PAGESIZE * sum("_exps." in t for f in files for t in f.tensors)
-        fixed = {**self._fixed_memory(), "shared pages": shared}
-        self._readers = [DiskReader(self.path)]
-        disk = DiskExperts(self.file, hot, self._readers[0])
-        cold_disk = None
-        if cold_layouts:
-            self._readers.append(DiskReader(self.cold_file.path))
-            cold_disk = DiskExperts(self.cold_file, cold_layouts, self._readers[1])
-        self.plan = plan = plan_memory(budget, fixed, disk.shape(k), cold_disk.shape(k) if cold_disk else None,
-                                       opt.expert_budget)
-        cold: Any = None
-        if cold_disk is not None:
-            if plan.cold_resident:
-                cold, self._cold_buf = resident_copies(cold_disk)
-            else:
-                cold = StagedCold(cold_disk)
+        store = tiered_store(self.file, hot, getattr(self, "cold_file", None), cold_layouts, opt, budget,
+                             self._fixed_memory(), self.model.cfg.n_expert_used, self._prefetch_given)
+        self.plan, self._readers, self._cold_buf = store.plan, store.readers, store.cold_buf
         if self.verbose:
-            print(plan.describe(expert_shape(hot).count), file=sys.stderr)
-        # loads ahead (prefetch, a hot copy loading while the cold one serves) pay only when the arena holds a
-        # token's whole selection: smaller, LRU evicts them before they are used, and their reads take a core
-        ahead = plan.hot_slots >= n_moe * k
-        # the cache counts slots of the experts' own size; the arena sizes them for the reads (whole pages)
-        hot_opt = dataclasses.replace(opt, expert_budget=Budget(nbytes=plan.hot_slots * expert_shape(hot).slot_bytes),
-                                      prefetch=opt.prefetch if self._prefetch_given or not ahead else 1)
-        cache = ExpertCache(hot, hot_opt, cold, functools.partial(DiskArena, disk=disk))
-        if not ahead:
-            cache.background = 0
-        return cache
+            print(store.plan.describe(expert_shape(hot).count), file=sys.stderr)
+        return store.cache
 
     def _fixed_memory(self) -> dict[str, int]:
         """What the model holds whatever the experts do: dense weights (the file's non-expert tensors, in the
         page cache, and the copies made at load), the KV cache, the buffers of a forward pass."""
         m, ctx = self.model, self.ctx
-        dense_file = sum(t.nbytes for t in self.file.tensors.values() if "_exps." not in t.name)
+        dense_file = sum(n for _, n in dense_extents(self.file))
         dense = dense_file + owned_bytes(m.blocks, m.token_embd, m.output, m.output_norm)
         return {"dense": dense, "kv_cache": ctx.kv.k.nbytes + ctx.kv.v.nbytes,
                 "buffers": owned_bytes(ctx.state, ctx.rope_cos, ctx.rope_sin, ctx.pos, ctx.seq)}

@@ -30,7 +30,7 @@ class ExpertCache:
 
     def __init__(self, hot: Sequence[Sequence[Expert]], options: "Options",
                  cold: Sequence[Sequence[Expert]] | None = None,
-                 arena: Callable[[int, int, int, int], Arena] = Arena) -> None:
+                 arena: Callable[[int, int, int, int], Arena] = Arena, background: int = 2) -> None:
         self.hot = hot
         self.cold = cold
         self.opt = options
@@ -50,10 +50,11 @@ class ExpertCache:
         self._in_use: set[Key] = set()                                      # the current layer's plan: never evicted
         # a disk arena loads in the background: where the mode allows, a miss is served by the cold copy while
         # its hot copy loads (HOBBIT's mixed precision as latency hiding), at most `background` reads queued
+        # (beyond filling free slots)
         self._disk = isinstance(self.arena, DiskArena)
         self._cold_while_loading = (self._disk and cold is not None and options.miss != MissMode.HOT
                                     and n_slots < len(all_experts))
-        self.background = 2
+        self.background = background
 
     @property
     def budget_bytes(self) -> int:
