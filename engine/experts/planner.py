@@ -2,9 +2,9 @@
 
 What the model must hold whatever the split (dense weights, KV cache, buffers) comes first; the experts get
 the rest. Everything hot when it fits. Otherwise the cold copies go resident when they fit beside one
-token's selection of hot slots: a resident cold copy serves a miss with no read at all, at a quarter to a third of
-the hot copy's bytes, so it buys more hit rate per byte than the same bytes of hot slots (HOBBIT); the hot
-slots get the remainder. Else the cold copies are read from disk as misses need them, into a ring of one
+token's selection of hot slots: a resident cold copy serves a miss with no read at all, in a third (Q2_K) to
+a half (Q4_K) of a Q8_0 copy's bytes, so it serves more misses per byte than the same bytes of hot slots
+(HOBBIT); the hot slots get the remainder. Else the cold copies are read from disk as misses need them, into a ring of one
 layer's cold experts, and the hot slots get the rest.
 """
 from __future__ import annotations
