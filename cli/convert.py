@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 
-from hotcold.convert import ConvertError, convert
+from hotcold.convert import convert
 from hotcold.convert.types_plan import OUTPUT_TYPES
+
+from .flags import one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,20 +31,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
                         stream=sys.stderr)
     t0 = time.perf_counter()
+    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the partial files are removed
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         r = convert(args.model_dir, args.out, type=args.type, expert_type=args.expert_type,
                     tensor_type=args.tensor_type, cold_type=args.cold_type, progress=not args.no_progress)
-    except ConvertError as e:
-        print(f"moe-convert: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:   # ConvertError, CheckpointError, QuantError; missing files, a full disk
+        print(f"moe-convert: error: {one_line(e)}; no output written", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("moe-convert: error: out of memory; no output written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moe-convert: interrupted; no output written", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     dt = time.perf_counter() - t0
     size = r.path.stat().st_size / 2**20
     print(f"wrote {r.path} ({size:.1f} MiB) in {dt:.1f} s", file=sys.stderr)

@@ -33,3 +33,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The fields of `cls` the command line set."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+
+
+def one_line(e: BaseException) -> str:
+    """An error as the one line a CLI prints: an OSError as 'strerror: filename', anything else its message."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return " ".join((str(e) or type(e).__name__).split())

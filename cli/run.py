@@ -9,13 +9,10 @@ import sys
 from typing import Any
 
 from hotcold.engine.api import Model
-from hotcold.engine.chat import ChatTemplateError
-from hotcold.engine.experts.disk import ExpertReadError
-from hotcold.engine.gguf_file import GGUFError
 from hotcold.engine.options import Options
 from hotcold.engine.sampling import SamplingParams
 
-from .flags import add_options, given
+from .flags import add_options, given, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.heatmap:
             m.save_expert_heatmap(args.heatmap)
             print(f"heatmap written to {args.heatmap}", file=sys.stderr)
-    except (GGUFError, ChatTemplateError, ValueError, FileNotFoundError, ImportError, RuntimeError,
-            ExpertReadError) as e:
-        print(f"moe-run: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, RuntimeError) as e:   # bad files and options (GGUFError,
+        print(f"moe-run: error: {one_line(e)}", file=sys.stderr)       # ChatTemplateError...), missing files, busy
+        return 2
+    except MemoryError:
+        print("moe-run: error: out of memory; lower -c (--ctx-size) or give --ram-budget", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nmoe-run: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ TensorNameMap and keys from its GGUFWriter helpers, so they match llama.cpp's co
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -47,6 +48,46 @@ _FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<w>gate_up_proj|down_proj)(?:
 _SKIPPED = re.compile(r"(rotary_emb\.inv_freq|\.attention\.masked_bias|\.attn\.bias)$")
 
 
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+# config.json values the converter reads: integer ones are positive and at most _MAX_INT, real ones finite and > 0
+_INT_KEYS = ("n_layers", "num_hidden_layers", "n_layer", "num_layers", "max_position_embeddings", "n_ctx",
+             "n_positions", "max_length", "hidden_size", "n_embd", "dim", "intermediate_size", "n_inner",
+             "hidden_dim", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "n_kv_heads",
+             "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "num_experts_per_token",
+             "top_k_experts", "head_dim", "vocab_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+_REAL_KEYS = ("rope_theta", "rotary_emb_base", "rms_norm_eps", "norm_eps")
+_MAX_INT = 1 << 31
+
+
+def _check_config(ckpt: Checkpoint) -> None:
+    """Every config.json value the converter reads, of the right JSON type and range, before any is used."""
+    cfg = ckpt.config
+    if not isinstance(cfg, dict):
+        raise ConvertError(f"{ckpt.dir}/config.json is a JSON {type(cfg).__name__}, not an object")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConvertError(f"{ckpt.dir}/config.json: rope_scaling must be an object, not {rope!r}")
+    for where, d, keys in ((cfg, cfg, _INT_KEYS + _REAL_KEYS), ("rope", rope, ("rope_theta", "factor"))):
+        for k in keys:
+            v = d.get(k)
+            if v is None:
+                continue
+            if k in _INT_KEYS:
+                ok = isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _MAX_INT
+                need = f"an integer 1..{_MAX_INT}"
+            else:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                need = "a finite number > 0"
+            if not ok:
+                raise ConvertError(f"{ckpt.dir}/config.json: {k}={v!r} must be {need}")
+    mlp_only = cfg.get("mlp_only_layers")
+    if mlp_only is not None and not (isinstance(mlp_only, list) and all(isinstance(i, int) for i in mlp_only)):
+        raise ConvertError(f"{ckpt.dir}/config.json: mlp_only_layers must be a list of layer numbers, not {mlp_only!r}")
+    archs = cfg.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ConvertError(f"{ckpt.dir}/config.json: architectures must be a list of names, not {archs!r}")
+
+
 def _find(cfg: dict[str, Any], *keys: str) -> Any:
     """First key present with a value (TextModel.find_hparam, ignoring explicit nulls)."""
     return next((cfg[k] for k in keys if cfg.get(k) is not None), None)
@@ -63,8 +104,12 @@ class Arch:
         self.ckpt = ckpt
         self.cfg = ckpt.config
         n_layer = _find(self.cfg, "n_layers", "num_hidden_layers", "n_layer", "num_layers")
-        if not isinstance(n_layer, int):
+        if n_layer is None:
             raise ConvertError(f"{ckpt.dir}/config.json has no num_hidden_layers")
+        present = 1 + max((int(m[1]) for n in ckpt.names if (m := _LAYER.search(n))), default=-1)
+        if n_layer != present:   # checked before anything is sized by it (gguf's name map is per layer)
+            raise ConvertError(f"{ckpt.dir}/config.json says num_hidden_layers={n_layer} but the checkpoint holds "
+                               f"{present} layers; the config does not match the weights")
         self.n_layer: int = n_layer
         self.name_map = gguf.get_tensor_name_map(self.gguf_arch, n_layer)
         self.rope = self._rope_parameters()
@@ -189,10 +234,10 @@ class Arch:
 
     def _stack(self, prefix: str, w: str, members: dict[int, str], n_expert: int | None) -> PlannedTensor:
         n = n_expert or len(members)
-        missing = [i for i in range(n) if i not in members]
-        if missing or len(members) != n:
+        if len(members) != n or min(members) != 0 or max(members) != n - 1:   # ids are distinct: exactly 0..n-1
+            missing = [i for i in range(min(n, max(members) + 2)) if i not in members][:10]
             raise ConvertError(f"{prefix}.*.{w}: expected experts 0..{n - 1}, missing {missing or 'none'}, "
-                               f"found {len(members)}; the checkpoint is incomplete")
+                               f"found {len(members)}; the checkpoint is incomplete or num_local_experts is wrong")
         shapes = {self.ckpt.info(members[i]).shape for i in range(n)}
         if len(shapes) != 1:
             raise ConvertError(f"{prefix}.*.{w}: experts have different shapes {sorted(shapes)}")
@@ -231,6 +276,8 @@ class Llama(Arch):
     writes_space_prefix = True
 
     def write_arch_hparams(self, w: gguf.GGUFWriter) -> None:
+        if "vocab_size" not in self.cfg or "hidden_size" not in self.cfg or "num_attention_heads" not in self.cfg:
+            raise ConvertError(f"{self.ckpt.dir}/config.json needs vocab_size, hidden_size and num_attention_heads")
         w.add_vocab_size(self.cfg["vocab_size"])
         rope_dim = self.cfg.get("head_dim") or self.cfg["hidden_size"] // self.cfg["num_attention_heads"]
         w.add_rope_dimension_count(rope_dim)
@@ -287,6 +334,7 @@ ARCHITECTURES: dict[str, type[Arch]] = {name: cls for cls in (Llama, Qwen2, Qwen
 
 def arch_for(ckpt: Checkpoint) -> Arch:
     """The registered family for `architectures[0]`, or a ConvertError listing what is supported."""
+    _check_config(ckpt)
     archs = ckpt.config.get("architectures") or []
     if not archs:
         raise ConvertError(f"{ckpt.dir}/config.json names no architectures")

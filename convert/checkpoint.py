@@ -29,7 +29,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir} has no config.json; is this a Hugging Face model folder?")
         try:
             self.config: dict[str, Any] = json.loads(cfg.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{cfg} is not valid JSON: {e}") from None
         self._files = [SafetensorsFile(p) for p in self._shards()]
         self._where: dict[str, SafetensorsFile] = {}
@@ -42,8 +42,16 @@ class Checkpoint:
     def _shards(self) -> list[Path]:
         index = self.dir / INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+                raise CheckpointError(f"{index} is not a JSON object with a weight_map: {e}") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
             names = sorted(set(weight_map.values()))
+            outside = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
+            if outside:   # a shard is a file of this folder, never a path elsewhere
+                raise CheckpointError(f"{index} names shards outside {self.dir}: {', '.join(outside[:3])}")
             missing = [n for n in names if not (self.dir / n).is_file()]
             if missing:
                 raise CheckpointError(f"{index.name} lists shards that are missing: {', '.join(missing)}")

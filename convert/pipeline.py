@@ -68,11 +68,17 @@ def convert(model_dir: str | Path, out: str | Path, *, type: str = "q8_0", exper
     _check_writable(out)
     plan = arch.plan()
     _check_shapes(arch, plan)
-    n_vocab = next(t.shape[0] for t in plan if t.name == "token_embd.weight")
+    n_vocab = next((t.shape[0] for t in plan if t.name == "token_embd.weight"), None)
+    if n_vocab is None:
+        raise ConvertError(f"{ckpt.dir} has no token embedding (model.embed_tokens.weight)")
+    if arch.cfg.get("vocab_size", n_vocab) != n_vocab:   # checked before the vocabulary is padded to it
+        raise ConvertError(f"config.json vocab_size={arch.cfg['vocab_size']} but the token embedding has {n_vocab} rows")
     try:
-        vocab = load_vocab(ckpt.dir, arch.cfg.get("vocab_size", n_vocab))
+        vocab = load_vocab(ckpt.dir, n_vocab)
     except VocabError as e:
         raise ConvertError(str(e)) from None
+    except (KeyError, TypeError, AttributeError, IndexError, RuntimeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"the tokenizer files in {ckpt.dir} are malformed ({type(e).__name__}: {e})") from None
 
     types = {t.name: rules.choose(t) for t in plan}
     fallbacks = tuple(f"{t.name}: {rules.wanted(t).name} does not fit rows of {t.shape[-1]}, using {types[t.name].name}"
@@ -86,19 +92,45 @@ def convert(model_dir: str | Path, out: str | Path, *, type: str = "q8_0", exper
         log.info("%s has no expert tensors: no cold file written", ckpt.dir.name)
         cold = None
     extra = {keys.EXPERTS_SHA256: _HASH_PLACEHOLDER} if has_experts else {}
-    digest = _write(out, arch, plan, types, vocab, ftype, extra, progress,
-                    hash_key=keys.EXPERTS_SHA256 if has_experts else None)
-    cold_out = None
-    if cold is not None:
-        cold_out = keys.cold_path_for(out)
-        cold_types = {t.name: (fit(cold, t.shape[-1]) if t.role == Role.EXPERT else types[t.name]) for t in plan}
-        extra = {keys.COLD_OF: digest, keys.COLD_TYPE: cold.name}
-        try:
-            _write(cold_out, arch, plan, cold_types, vocab, _FILE_TYPE[cold], extra, progress)
-        except BaseException:
-            out.unlink(missing_ok=True)  # a main file without its cold copies is not what was asked for
-            raise
+    _remove_stale(out)
+    cold_out = keys.cold_path_for(out) if cold is not None else None
+    if cold_out is not None:
+        _remove_stale(cold_out)
+    written: list[Path] = []
+    try:
+        tmp, digest = _write(out, arch, plan, types, vocab, ftype, extra, progress,
+                             hash_key=keys.EXPERTS_SHA256 if has_experts else None)
+        written.append(tmp)
+        if cold_out is not None:
+            cold_types = {t.name: (fit(cold, t.shape[-1]) if t.role == Role.EXPERT else types[t.name]) for t in plan}
+            extra = {keys.COLD_OF: digest, keys.COLD_TYPE: cold.name}
+            written.append(_write(cold_out, arch, plan, cold_types, vocab, _FILE_TYPE[cold], extra, progress)[0])
+            os.replace(written.pop(), cold_out)   # the cold file first: no main file ever lacks its cold copies
+        os.replace(written.pop(), out)
+    except BaseException:
+        for tmp in written:
+            tmp.unlink(missing_ok=True)
+        raise
     return ConvertResult(out, cold_out, digest, types, fallbacks)
+
+
+def _partial_name(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.partial-{pid}")
+
+
+def _remove_stale(path: Path) -> None:
+    """Partial files of conversions to `path` whose process is gone (killed: no cleanup of its own ran)."""
+    for p in path.parent.glob(f".{path.name}.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted conversion", p)
+        except PermissionError:
+            pass   # alive, someone else's
 
 
 def _check_writable(out: Path) -> None:
@@ -120,6 +152,8 @@ def _check_shapes(arch: Arch, plan: list[PlannedTensor]) -> None:
         if t.role == Role.EXPERT and len(t.shape) != 3:
             raise ConvertError(f"shape mismatch: expert tensor {t.name} has shape {t.shape}, expected 3-D")
         if t.name.endswith(("attn_q.weight", "attn_k.weight")) and arch.permute_qk:
+            if "num_attention_heads" not in arch.cfg:
+                raise ConvertError(f"{arch.ckpt.dir}/config.json has no num_attention_heads")
             heads = arch.cfg["num_attention_heads"] if "attn_q" in t.name else (
                 arch.cfg.get("num_key_value_heads") or arch.cfg["num_attention_heads"])
             if t.shape[0] % (2 * heads):
@@ -143,16 +177,19 @@ def _metadata(w: gguf.GGUFWriter, arch: Arch, ftype: gguf.LlamaFileType) -> None
 
 
 def _write(path: Path, arch: Arch, plan: list[PlannedTensor], types: dict[str, QType], vocab, ftype,
-           extra: dict[str, str], progress: bool, hash_key: str | None = None) -> str:
-    """Write one GGUF at `path` via a temporary name; returns the sha256 of its expert tensors' bytes,
-    which also replaces the placeholder value of `hash_key` before the file gets its final name."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+           extra: dict[str, str], progress: bool, hash_key: str | None = None) -> tuple[Path, str]:
+    """Write the GGUF meant for `path` under a temporary name next to it, returned with the sha256 of its expert
+    tensors' bytes (which also replaces the placeholder value of `hash_key`); the caller renames it."""
+    tmp = _partial_name(path, os.getpid())
     w = gguf.GGUFWriter(None, arch.arch_name)
     for t in plan:
         qt = types[t.name]
         w.add_tensor_info(t.name, byte_shape(t.shape, qt), np.dtype(np.uint8), _nbytes(t, qt), raw_dtype=qt)
     _metadata(w, arch, ftype)
-    write_vocab(w, vocab, arch.ckpt.dir, len(vocab.tokens), llama_space_prefix=arch.writes_space_prefix)
+    try:
+        write_vocab(w, vocab, arch.ckpt.dir, len(vocab.tokens), llama_space_prefix=arch.writes_space_prefix)
+    except (KeyError, TypeError, AttributeError, IndexError, UnicodeDecodeError, ValueError) as e:
+        raise ConvertError(f"the tokenizer files in {arch.ckpt.dir} are malformed ({type(e).__name__}: {e})") from None
     for k, v in extra.items():
         w.add_string(k, v)
     total = sum(_nbytes(t, types[t.name]) for t in plan)
@@ -169,12 +206,15 @@ def _write(path: Path, arch: Arch, plan: list[PlannedTensor], types: dict[str, Q
         w.close()
         if hash_key is not None:
             _patch_string(tmp, hash_key, digest.hexdigest())
-        os.replace(tmp, path)
     except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
+        try:
+            w.close()   # on a full disk this flush fails too: the file goes all the same
+        except OSError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
         raise
-    return digest.hexdigest()
+    return tmp, digest.hexdigest()
 
 
 def _nbytes(t: PlannedTensor, qt: QType) -> int:

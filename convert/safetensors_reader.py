@@ -23,6 +23,10 @@ _DTYPES = {
 MAX_HEADER = 100 * 1024 * 1024
 
 
+def _ints(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is malformed or holds something hotcold cannot read."""
 
@@ -57,15 +61,21 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{self.path}: header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: header is a JSON {type(header).__name__}, not an object")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._base = 8 + n
         self.tensors: dict[str, TensorInfo] = {}
         for name, info in header.items():
-            dtype = info.get("dtype")
-            if dtype not in _DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {dtype}")
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
+            dtype = info.get("dtype") if isinstance(info, dict) else None
+            if not isinstance(dtype, str) or dtype not in _DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {dtype!r}")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not (_ints(shape) and len(shape) <= 8 and _ints(offsets) and len(offsets) == 2):
+                raise CheckpointError(f"{self.path}: tensor {name} needs a shape and two data_offsets, all integers "
+                                      f">= 0; got shape={shape!r} data_offsets={offsets!r}")
+            shape = tuple(shape)
+            start, end = offsets
             if not (0 <= start <= end <= size - self._base) or end - start != int(np.prod(shape)) * _DTYPES[dtype].itemsize:
                 raise CheckpointError(f"{self.path}: tensor {name} {shape} {dtype} has inconsistent offsets {start}..{end}")
             self.tensors[name] = TensorInfo(name, dtype, shape, start, end)

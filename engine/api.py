@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import resource
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -23,7 +26,7 @@ from gguf import Keys
 from hotcold.keys import cold_path_for
 from hotcold.quant import QType
 
-from .backend import Backend, CpuBackend
+from .backend import Backend, CpuBackend, finite_extremes
 from .chat import ChatTemplate
 from .context import Context
 from .experts.cache import ExpertCache
@@ -32,7 +35,7 @@ from .experts.disk import StagedCold, expert_extents
 from .experts.planner import MemoryPlan, expert_shape
 from .experts.rules import MissMode
 from .experts.tiered import dense_extents, tiered_store
-from .memory import owned_bytes
+from .memory import available_memory, owned_bytes
 from .config import CacheType
 from .gguf_file import GGUFFile
 from .model import Transformer
@@ -48,18 +51,6 @@ def kernels_uncached() -> bool:
         return not Path(kernels.attention_f16._cache._cache_file._index_path).exists()
     except AttributeError:  # another Numba's internals: say nothing rather than guess
         return False
-
-
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo in bytes (0 where there is none: then nothing is prefaulted)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _major_faults() -> int:
@@ -78,6 +69,13 @@ def _ram_defaults(path: Path, options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+log = logging.getLogger("hotcold")
+
+
+class ModelBusyError(RuntimeError):
+    """A second generation on a Model already generating (another thread, or an unfinished generator)."""
+
+
 class Model:
     """A loaded GGUF model with one context (KV cache) that successive calls reuse by common prefix.
 
@@ -86,6 +84,7 @@ class Model:
 
     def __init__(self, path: str | Path, **options: Any) -> None:
         t0 = time.perf_counter()
+        self._busy = threading.Lock()
         self.options = opt = Options.parse(**_ram_defaults(Path(path), options))
         self._prefetch_given = "prefetch" in options
         self.verbose = opt.verbose
@@ -103,8 +102,12 @@ class Model:
         self.metadata: dict[str, Any] = self.file.metadata
         self.gpu = None
         self.model = Transformer.load(self.file, self._backend(opt))
+        if opt.n_ctx > self.model.cfg.n_ctx_train:   # llama.cpp's llama_context warns the same
+            log.warning("n_ctx=%d is more than the %d tokens %s was trained on: expect worse text past that",
+                        opt.n_ctx, self.model.cfg.n_ctx_train, self.path.name)
         # the context's KV cache and buffers come before the arena: on a GPU the arena takes what they leave
-        self.ctx: Context = self.model.context(opt.n_ctx, opt.n_batch, type_k=opt.type_k, type_v=opt.type_v)
+        self.ctx: Context = self.model.context(opt.n_ctx, opt.n_batch, type_k=opt.type_k, type_v=opt.type_v,
+                                               memory_limit=self._ram_bytes(opt))
         self.cache: ExpertCache | None = self._expert_cache(opt) if opt.residency else None
         if self.cache is not None:
             self.ctx.experts = self.cache
@@ -206,8 +209,7 @@ class Model:
     def _disk_cache(self, opt: Options) -> ExpertCache:
         """Under a RAM budget: experts read from disk into the hot arena, cold copies resident or read from disk,
         split by the planner (experts/planner.py)."""
-        budget = opt.ram_budget.nbytes if opt.ram_budget.nbytes is not None else int(opt.ram_budget.fraction
-                                                                                     * self.file.size)
+        budget = self._ram_bytes(opt)
         hot = self.model.experts.experts
         cold_layouts = None
         if opt.miss != MissMode.HOT or opt.cold_path is not None:
@@ -219,6 +221,11 @@ class Model:
         if self.verbose:
             print(store.plan.describe(expert_shape(hot).count), file=sys.stderr)
         return store.cache
+
+    def _ram_bytes(self, opt: Options) -> int | None:
+        """The RAM budget in bytes (a share is of the file's size); None without one."""
+        b = opt.ram_budget
+        return None if b is None else b.nbytes if b.nbytes is not None else int(b.fraction * self.file.size)
 
     def _fixed_memory(self) -> dict[str, int]:
         """What the model holds whatever the experts do: dense weights (the file's non-expert tensors, in the
@@ -302,18 +309,47 @@ class Model:
 
     def detokenize(self, ids: Sequence[int]) -> bytes:
         """UTF-8 bytes of the tokens' text, as llama-cpp-python returns them."""
-        return self.tokenizer.detokenize([int(t) for t in ids])
+        ids = [int(t) for t in ids]
+        self._check_ids(ids)
+        return self.tokenizer.detokenize(ids)
 
     # --- evaluation ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One sequence at a time: the context (KV cache, buffers, expert store) is the Model's only one. A second
+        caller, from another thread or while a generator is unfinished, gets a ModelBusyError, never a
+        corrupted cache; many sequences on one model are the server's scheduler's work."""
+        if not self._busy.acquire(blocking=False):
+            raise ModelBusyError(f"{self.path.name}: this Model is already generating (in another thread, or a "
+                                 "generator not yet finished or closed); use one Model per thread, or finish the "
+                                 "first generation")
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {self.n_vocab} (0..{self.n_vocab - 1})")
 
     def _check_fits(self, n: int) -> None:
         if n > self.n_ctx:
             raise ValueError(f"{n} tokens do not fit the context of {self.n_ctx}; raise n_ctx (--ctx-size) "
                              "or shorten the prompt")
 
+    def _check_logits(self, logits: np.ndarray) -> np.ndarray:
+        """A NaN or infinity in the logits is a broken model (weights the load could not check), not a token."""
+        if not finite_extremes(logits, self.ctx.state.finite):
+            raise ValueError(f"{self.path.name}: the model computed NaN or infinite logits at position "
+                             f"{self.ctx.n_past}; its weights are corrupt (or overflow in this precision)")
+        return logits
+
     def _eval(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Bring the KV cache to hold `ids`, reusing the longest common prefix; logits of the new tokens."""
         self._check_fits(len(ids))
+        self._check_ids(ids)
         keep = 0
         for a, b in zip(self.ctx.tokens, ids):
             if a != b:
@@ -332,11 +368,16 @@ class Model:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits (len(ids), n_vocab) of every position, from a fresh context."""
+        with self._exclusive():
+            return self._logits(ids)
+
+    def _logits(self, ids: Sequence[int]) -> np.ndarray:
         if not ids:
             raise ValueError("logits() needs at least one token")
         self._check_fits(len(ids))
+        self._check_ids(ids)
         self.ctx.seek(0)
-        return self._forward(ids, all_logits=True)
+        return self._check_logits(self._forward(ids, all_logits=True))
 
     def perplexity(self, text: str | Sequence[int], n_ctx: int | None = None) -> float:
         """llama.cpp `perplexity`'s measure: text (or its token ids) cut into chunks of n_ctx tokens, each
@@ -350,7 +391,8 @@ class Model:
             chunk = ids[start:start + n]
             if self.tokenizer.bos_id is not None and self.tokenizer.add_bos:
                 chunk = [self.tokenizer.bos_id] + chunk[1:]
-            logits = self.logits(chunk).astype(np.float64)
+            with self._exclusive():
+                logits = self._logits(chunk).astype(np.float64)
             first = n // 2
             z = logits[first - 1:n - 1]
             lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
@@ -365,51 +407,52 @@ class Model:
                  repeat_last_n: int = 64, seed: int | None = None, stop: str | Sequence[str] | None = None,
                  ignore_eos: bool = False, add_bos: bool = True) -> Iterator[str]:
         """Yield the completion of `prompt` piece by piece (stops on EOS/EOT, a stop string, or max_tokens)."""
-        ids = list(prompt) if not isinstance(prompt, str) else self.tokenize(prompt, add_bos=add_bos, special=True)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        self._check_fits(len(ids) + 1)
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-                                         seed=self.seed if seed is None else seed))
-        for t in ids:
-            sampler.accept(t)
-        t0 = time.perf_counter()
-        logits = self._eval(ids)[-1]
-        t1 = time.perf_counter()
-        detok = Detokenizer(self.tokenizer, special=False)  # control tokens are not text (llama-cpp-python)
-        text, emitted, n_gen = "", 0, 0
-        limit = max_tokens if max_tokens and max_tokens > 0 else self.n_ctx - len(ids)
-        finish, cut, runs, eval_s = "length", False, 0, 0.0
-        while n_gen < limit and self.ctx.n_past < self.n_ctx:
-            tok = sampler.sample(logits)
-            n_gen += 1
-            if self.tokenizer.is_eog(tok) and not ignore_eos:
-                finish = "stop"
-                break
-            sampler.accept(tok)
-            text += detok.feed(tok)
-            hit = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stops) if i >= 0), default=-1)
-            if hit >= 0:  # a stop string: emit up to it, never the string itself
-                if hit > emitted:
-                    yield text[emitted:hit]
-                finish, cut = "stop", True
-                break
-            safe = len(text) - max((_partial_suffix(text, s) for s in stops), default=0)
-            if safe > emitted:  # hold back what may be the start of a stop string
-                yield text[emitted:safe]
-                emitted = safe
-            if n_gen < limit:  # the last token needs no logits
-                te = time.perf_counter()
-                logits = self._forward([tok])[-1]
-                eval_s += time.perf_counter() - te
-                runs += 1
-        if not cut:
-            text += detok.flush()
-            if len(text) > emitted:
-                yield text[emitted:]
-        t2 = time.perf_counter()
-        self.ctx.finish_reason = finish
-        self.ctx.timings = dict(prompt_tokens=len(ids), prompt_s=t1 - t0, gen_tokens=n_gen, gen_s=t2 - t1,
-                                eval_runs=runs, eval_s=eval_s)
+        with self._exclusive():   # released when the generator finishes, is closed or is collected
+            ids = list(prompt) if not isinstance(prompt, str) else self.tokenize(prompt, add_bos=add_bos, special=True)
+            stops = [stop] if isinstance(stop, str) else list(stop or [])
+            self._check_fits(len(ids) + 1)
+            sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+                                             seed=self.seed if seed is None else seed))
+            for t in ids:
+                sampler.accept(t)
+            t0 = time.perf_counter()
+            logits = self._check_logits(self._eval(ids)[-1])
+            t1 = time.perf_counter()
+            detok = Detokenizer(self.tokenizer, special=False)  # control tokens are not text (llama-cpp-python)
+            text, emitted, n_gen = "", 0, 0
+            limit = max_tokens if max_tokens and max_tokens > 0 else self.n_ctx - len(ids)
+            finish, cut, runs, eval_s = "length", False, 0, 0.0
+            while n_gen < limit and self.ctx.n_past < self.n_ctx:
+                tok = sampler.sample(logits)
+                n_gen += 1
+                if self.tokenizer.is_eog(tok) and not ignore_eos:
+                    finish = "stop"
+                    break
+                sampler.accept(tok)
+                text += detok.feed(tok)
+                hit = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stops) if i >= 0), default=-1)
+                if hit >= 0:  # a stop string: emit up to it, never the string itself
+                    if hit > emitted:
+                        yield text[emitted:hit]
+                    finish, cut = "stop", True
+                    break
+                safe = len(text) - max((_partial_suffix(text, s) for s in stops), default=0)
+                if safe > emitted:  # hold back what may be the start of a stop string
+                    yield text[emitted:safe]
+                    emitted = safe
+                if n_gen < limit:  # the last token needs no logits
+                    te = time.perf_counter()
+                    logits = self._check_logits(self._forward([tok])[-1])
+                    eval_s += time.perf_counter() - te
+                    runs += 1
+            if not cut:
+                text += detok.flush()
+                if len(text) > emitted:
+                    yield text[emitted:]
+            t2 = time.perf_counter()
+            self.ctx.finish_reason = finish
+            self.ctx.timings = dict(prompt_tokens=len(ids), prompt_s=t1 - t0, gen_tokens=n_gen, gen_s=t2 - t1,
+                                    eval_runs=runs, eval_s=eval_s)
 
     def create_completion(self, prompt: str, max_tokens: int | None = 16, stream: bool = False,
                           **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
@@ -436,7 +479,7 @@ class Model:
     def chat_template(self) -> ChatTemplate:
         tok = self.tokenizer
         piece = lambda i: tok.token_to_piece(i).decode("utf-8", errors="replace") if i is not None else ""  # noqa: E731
-        return ChatTemplate(self.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE), piece(tok.bos_id), piece(tok.eos_id))
+        return ChatTemplate(self.file.get_typed(Keys.Tokenizer.CHAT_TEMPLATE, str), piece(tok.bos_id), piece(tok.eos_id))
 
     def create_chat_completion(self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None = None,
                                stream: bool = False, **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:

@@ -9,6 +9,7 @@ same signatures. After vLLM's modular_kernel.py: small stage interfaces, one imp
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -156,6 +157,11 @@ class Backend(ABC):
     def add_from_host(self, out: Any, acc: np.ndarray, s: "RunState") -> None:
         """out += acc, a host array."""
 
+    def all_finite(self, x: Any, scratch: np.ndarray) -> bool:
+        """Whether x holds no NaN or infinity, through `scratch` (a 0-d float32 host array); where that is not
+        cheap to know (a device), True: the logits are checked on the host."""
+        return True
+
     def expert_cache(self, hot: Sequence[Sequence[Expert]], opt: "Options", cold: Sequence[Sequence[Expert]] | None,
                      ctx: "Context") -> ExpertCache:
         """The expert cache with its hot arena where this backend computes (RAM here)."""
@@ -174,6 +180,16 @@ class Backend(ABC):
 
 
 _ONE = np.ones((), dtype=np.float32)
+
+
+def finite_extremes(x: np.ndarray, scratch: np.ndarray) -> bool:
+    """Whether the largest and smallest values of x are finite (so all are): two SIMD reductions into the 0-d
+    `scratch`, NaN propagating through both, and no allocation (the decode loop makes none)."""
+    for reduce in (np.maximum.reduce, np.minimum.reduce):
+        reduce(x, axis=None, out=scratch)
+        if not math.isfinite(scratch.item()):
+            return False
+    return True
 SMALL_ROWS = 256  # F32 matrices with at most this many rows take the serial kernel (routers)
 
 
@@ -277,6 +293,9 @@ class CpuBackend(Backend):
 
     def zero(self, x: np.ndarray) -> None:
         x.fill(0)
+
+    def all_finite(self, x: np.ndarray, scratch: np.ndarray) -> bool:
+        return finite_extremes(x, scratch)
 
     def gather(self, x: int8.Acts, rows: Any, scratch: "FFNScratch") -> int8.Acts:
         if isinstance(rows, slice):

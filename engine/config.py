@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from gguf import Keys
 
 from .gguf_file import GGUFError, GGUFFile
+from .validate import MAX_CTX, MAX_LAYERS, Meta, check_config, check_tensors
 
 
 class RopeStyle(enum.Enum):
@@ -99,37 +100,40 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "ModelConfig":
-        arch = f.get(Keys.General.ARCHITECTURE)
+        """Read and check: every value typed and in range, the values consistent with each other and with
+        every tensor's shape (engine/validate.py), so the kernels can trust the result."""
+        arch = f.get_typed(Keys.General.ARCHITECTURE, str)
         if arch not in ARCHS:
             raise GGUFError(f"{f.path}: architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHS))}")
-
-        def key(k: str, default: object = None) -> object:
-            v = f.get(k.format(arch=arch), default)
-            if v is None:
-                raise GGUFError(f"{f.path}: metadata key {k.format(arch=arch)} is missing")
-            return v
-
-        n_embd = int(key(Keys.LLM.EMBEDDING_LENGTH))
-        n_head = int(key(Keys.Attention.HEAD_COUNT))
-        head_dim = int(key(Keys.Attention.KEY_LENGTH, n_embd // n_head))
+        m = Meta(f, arch)
+        n_embd = m.integer(Keys.LLM.EMBEDDING_LENGTH)
+        n_head = m.integer(Keys.Attention.HEAD_COUNT)
+        head_dim = m.integer(Keys.Attention.KEY_LENGTH, max(n_embd // n_head, 1))
+        if m.integer(Keys.Attention.VALUE_LENGTH, head_dim) != head_dim:
+            raise GGUFError(f"{f.path}: value_length differs from key_length {head_dim}; not supported yet")
         emb = f.tensors.get("token_embd.weight")
         if emb is None:
             raise GGUFError(f"{f.path}: tensor token_embd.weight is missing")
-        scale_type = f.get(Keys.Rope.SCALING_TYPE.format(arch=arch), "none")
-        factor = float(f.get(Keys.Rope.SCALING_FACTOR.format(arch=arch), 1.0)) if scale_type == "linear" else 1.0
+        if len(emb.shape) != 2:
+            raise GGUFError(f"{f.path}: tensor token_embd.weight has shape {emb.shape}, expected (n_vocab, n_embd)")
+        scale_type = m.text(Keys.Rope.SCALING_TYPE, "none")
         if scale_type not in ("none", "linear"):
             raise GGUFError(f"{f.path}: rope scaling {scale_type!r} is not supported yet (none, linear are)")
-        n_layer = int(key(Keys.LLM.BLOCK_COUNT))
-        n_expert = int(key(Keys.LLM.EXPERT_COUNT, 0))
+        factor = m.number(Keys.Rope.SCALING_FACTOR, 1.0) if scale_type == "linear" else 1.0
+        n_layer = m.integer(Keys.LLM.BLOCK_COUNT, hi=MAX_LAYERS)
+        n_expert = m.integer(Keys.LLM.EXPERT_COUNT, 0, lo=0)
         moe_layers = tuple(n_expert > 0 and f"blk.{i}.ffn_gate_inp.weight" in f.tensors for i in range(n_layer))
-        return cls(
+        cfg = cls(
             arch=arch, spec=ARCHS[arch], n_vocab=emb.shape[0], n_embd=n_embd,
             n_layer=n_layer, n_head=n_head,
-            n_head_kv=int(key(Keys.Attention.HEAD_COUNT_KV, n_head)), head_dim=head_dim,
-            n_ctx_train=int(key(Keys.LLM.CONTEXT_LENGTH, 4096)),
-            rope_base=float(key(Keys.Rope.FREQ_BASE, 10000.0)),
-            rope_dim=int(key(Keys.Rope.DIMENSION_COUNT, head_dim)), rope_freq_scale=1.0 / factor,
-            rms_eps=float(key(Keys.Attention.LAYERNORM_RMS_EPS)),
-            n_expert=n_expert, n_expert_used=int(key(Keys.LLM.EXPERT_USED_COUNT, 0)),
+            n_head_kv=m.integer(Keys.Attention.HEAD_COUNT_KV, n_head), head_dim=head_dim,
+            n_ctx_train=m.integer(Keys.LLM.CONTEXT_LENGTH, 4096, hi=MAX_CTX),
+            rope_base=m.number(Keys.Rope.FREQ_BASE, 10000.0),
+            rope_dim=m.integer(Keys.Rope.DIMENSION_COUNT, head_dim), rope_freq_scale=1.0 / factor,
+            rms_eps=m.number(Keys.Attention.LAYERNORM_RMS_EPS),
+            n_expert=n_expert, n_expert_used=m.integer(Keys.LLM.EXPERT_USED_COUNT, 0, lo=0),
             moe_layers=moe_layers,
         )
+        check_config(cfg, f)
+        check_tensors(cfg, f)
+        return cfg

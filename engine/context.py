@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numba
 import numpy as np
 
 from .config import Attention, CacheType, ModelConfig
+from .memory import available_memory
 from .moe import ExpertStore, Routing
 
 if TYPE_CHECKING:
@@ -39,11 +41,29 @@ def new_kv_cache(cfg: ModelConfig, n_ctx: int, be: "Backend", type_k: CacheType,
 
 def rope_tables(cfg: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin (n_ctx, rope_dim / 2) of theta_i = base^(-2i/d) * freq_scale per position
-    (ggml_rope_ext with ext_factor 0), computed in float64 and stored as float32."""
+    (ggml_rope_ext with ext_factor 0), computed in float64 a chunk of positions at a time and stored as float32."""
     half = cfg.rope_dim // 2
     inv = cfg.rope_base ** (-np.arange(half, dtype=np.float64) * 2.0 / cfg.rope_dim)
-    ang = np.arange(n_ctx, dtype=np.float64)[:, None] * (inv[None, :] * cfg.rope_freq_scale)
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    step = inv[None, :] * cfg.rope_freq_scale
+    cos, sin = np.empty((n_ctx, half), np.float32), np.empty((n_ctx, half), np.float32)
+    for a in range(0, n_ctx, _ROPE_CHUNK):
+        b = min(a + _ROPE_CHUNK, n_ctx)
+        ang = np.arange(a, b, dtype=np.float64)[:, None] * step
+        np.cos(ang, out=cos[a:b])
+        np.sin(ang, out=sin[a:b])
+    return cos, sin
+
+
+_ROPE_CHUNK = 4096
+
+
+def context_bytes(cfg: ModelConfig, n_ctx: int, type_k: CacheType, type_v: CacheType, n_threads: int) -> int:
+    """Host bytes a context of n_ctx holds in proportion to n_ctx: the KV cache, rope tables, positions and the
+    attention's score rows (checked before any of it is allocated)."""
+    item = {CacheType.F16: 2, CacheType.F32: 4}
+    cells = cfg.n_layer * n_ctx * cfg.n_head_kv * cfg.head_dim
+    return (cells * (item[type_k] + item[type_v]) + n_ctx * (cfg.rope_dim // 2) * 8 + n_ctx * 12
+            + n_threads * (n_ctx + cfg.head_dim) * 4)
 
 
 class FFNScratch:
@@ -98,6 +118,7 @@ class RunState:
         self._routing = Routing(np.zeros((N, k), np.int64), np.zeros((N, k), np.float32))
         self._guess = Routing(np.zeros((N, k), np.int64), np.zeros((N, k), np.float32))
         self.route_scratch = np.zeros((3, E), np.float32)
+        self.finite = np.zeros((), np.float32)             # where the NaN checks reduce to (host)
         self.device = be.moe_state(N * k)                 # what the backend's MoE step needs of its own
 
     def routing(self, T: int) -> Routing:
@@ -114,12 +135,23 @@ class Context:
     (`experts`, the file's own unless set; contexts may share one)."""
 
     def __init__(self, model: "Transformer", n_ctx: int, n_batch: int = 512, experts: ExpertStore | None = None,
-                 type_k: CacheType = CacheType.F16, type_v: CacheType = CacheType.F16) -> None:
+                 type_k: CacheType = CacheType.F16, type_v: CacheType = CacheType.F16,
+                 memory_limit: int | None = None) -> None:
+        """`memory_limit`: host bytes the context may take (a RAM budget); by default the machine's available
+        memory. Either is checked before anything is allocated."""
         if n_ctx <= 0:
             raise ValueError(f"n_ctx={n_ctx} must be positive")
         if n_batch <= 0:
             raise ValueError(f"n_batch={n_batch} must be positive")
         be, cfg = model.backend, model.cfg
+        n_batch = min(n_batch, n_ctx)                       # llama.cpp: a batch never exceeds the context
+        if be.host_memory:
+            need = context_bytes(cfg, n_ctx, type_k, type_v, numba.config.NUMBA_NUM_THREADS)
+            have = memory_limit if memory_limit is not None else available_memory()
+            if have and need > have:
+                where = "the RAM budget" if memory_limit is not None else "the memory available"
+                raise ValueError(f"n_ctx={n_ctx}: the KV cache and rope tables would take {need / 2**30:.2f} GiB, "
+                                 f"more than the {have / 2**30:.2f} GiB of {where}; lower -c (--ctx-size)")
         self.model, self.cfg = model, cfg
         self.n_ctx, self.n_batch = n_ctx, n_batch
         self.kv = new_kv_cache(cfg, n_ctx, be, type_k, type_v)

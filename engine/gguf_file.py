@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from hotcold.quant import QType, QuantError, byte_shape, resolve, row_bytes
 
 MAX_DIMS = 4           # GGML_MAX_DIMS
 MAX_ARRAY_DEPTH = 2    # arrays of arrays exist in the format; nothing deeper is plausible
+MAX_STRINGS = 1 << 22  # elements of one string array: 4M, over ten times the largest vocabulary or merge list
 DEFAULT_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT
 _MADV_POPULATE_READ = 22  # linux/mman.h; Python 3.11's mmap module does not name it
 
@@ -59,7 +61,11 @@ class GGUFFile:
         except OSError as e:
             raise GGUFError(f"cannot open {self.path}: {e.strerror}") from None
         try:
-            self.size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                raise GGUFError(f"{self.path} is {what}; give the path of a .gguf file")
+            self.size = st.st_size
             if self.size < 24:
                 raise GGUFError(f"{self.path} is {self.size} bytes, too short to be a GGUF file")
             self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
@@ -114,11 +120,16 @@ class GGUFFile:
         if etype in _NUMPY:
             itemsize = np.dtype(_NUMPY[GGUFValueType(etype)]).itemsize
             self._need(count * itemsize, f"{count} elements of {what}")
+            # a numpy array, not a list: a Python int per element would take 36 times its bytes in the file
             arr = np.frombuffer(self._mm, dtype=_NUMPY[GGUFValueType(etype)], count=count, offset=self._pos).copy()
+            arr.flags.writeable = False
             self._pos += count * itemsize
-            return arr.tolist()
-        # strings (and nested arrays) take at least 8 bytes each: bound the count before looping
+            return arr
+        # strings (and nested arrays) take at least 8 bytes each: bound the count before looping; a Python
+        # string costs about 50 bytes whatever its length, so the count is also capped
         self._need(count * 8, f"{count} elements of {what}")
+        if count > MAX_STRINGS:
+            raise self._fail(f"{what} has {count} elements; more than {MAX_STRINGS} is not a plausible model")
         return [self._value(etype, f"{what}[{i}]", depth + 1) for i in range(count)]
 
     # --- structure ------------------------------------------------------------------------------------
@@ -145,6 +156,8 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: general.alignment {align!r} is not a power of two up to 1 MiB")
         self.data_offset = -(-self._pos // align) * align
         data_size = self.size - self.data_offset
+        if infos and self.data_offset > self.size:   # vocabulary-only files end before their padding
+            raise GGUFError(f"{self.path}: the header ends at byte {self._pos}, past the end of the file")
         for name, qtype, shape, rel in infos:
             if name in self.tensors:
                 raise GGUFError(f"{self.path}: duplicate tensor name {name!r}")
@@ -155,6 +168,11 @@ class GGUFFile:
                 raise GGUFError(f"{self.path}: tensor {name} ({nbytes} bytes at {rel}) extends past the end of the "
                                 f"file by {rel + nbytes - data_size} bytes; the file is truncated")
             self.tensors[name] = TensorRef(name, qtype, shape, self.data_offset + rel, nbytes)
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:   # llama.cpp's gguf_init rejects this too: one tensor's writes would be another's weights
+                raise GGUFError(f"{self.path}: tensors {a} and {b} overlap in the file ({end - start} bytes); "
+                                "the file is corrupt")
 
     def _tensor_info(self, i: int) -> tuple[str, QType, tuple[int, ...], int]:
         name = self._string(f"name of tensor {i}")
@@ -238,6 +256,22 @@ class GGUFFile:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
+
+    def get_typed(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        """The value of `key` if it has the Python type `kind` (int, float, str, bool; a float key also takes
+        an int); `default` if it is absent; a GGUFError naming the key if it has another type."""
+        v = self.metadata.get(key)
+        if v is None:
+            return default
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
+        if float in kinds and isinstance(v, int) and not isinstance(v, bool):
+            ok, v = True, float(v)
+        if not ok:
+            got = "an array" if isinstance(v, (list, np.ndarray)) else type(v).__name__
+            raise GGUFError(f"{self.path}: metadata key {key} is {got}, expected "
+                            f"{' or '.join(k.__name__ for k in kinds)}")
+        return v
 
     def close(self) -> None:
         """Unmap the file once no tensor views remain (with views alive, the map stays until they go)."""

@@ -50,3 +50,15 @@ def owned_bytes(*roots: Any, depth: int = 6) -> int:
     for r in roots:
         visit(r, depth)
     return total
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo in bytes (0 where there is none: then nothing is checked against it)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -109,9 +109,10 @@ class Transformer:
         return cls(cfg, load_blocks(cfg, w), embd, w.vector("output_norm.weight"), output, backend)
 
     def context(self, n_ctx: int, n_batch: int = 512, experts: ExpertStore | None = None,
-                type_k: CacheType = CacheType.F16, type_v: CacheType = CacheType.F16) -> Context:
-        """A new context (KV cache and buffers, on this model's backend)."""
-        return Context(self, n_ctx, n_batch, experts, type_k, type_v)
+                type_k: CacheType = CacheType.F16, type_v: CacheType = CacheType.F16,
+                memory_limit: int | None = None) -> Context:
+        """A new context (KV cache and buffers, on this model's backend; see Context for memory_limit)."""
+        return Context(self, n_ctx, n_batch, experts, type_k, type_v, memory_limit)
 
     def logit_rows(self, n_batch: int) -> int:
         """Rows of the head's output buffer: 1 on the host (all-logits passes write to their result
@@ -142,6 +143,9 @@ class Transformer:
             be.rms_norm(x, b.ffn_norm, cfg.rms_eps, h)                           # pre-FFN norm
             self._ffn(b, il, h, ctx, a)                                          # (T, n_embd)
             be.add(x, a)                                                         # residual
+        if not be.all_finite(x, s.finite):   # the head's quantized input would turn NaN into zeros: say so instead
+            raise ValueError(f"NaN or infinite activations at positions {p0}..{p0 + T - 1}: the model's weights "
+                             "are corrupt (or overflow in this precision)")
         ctx.tokens.extend(ids.tolist())
         logits = self._logits(x, ctx, all_logits)
         ctx.forward_s += time.perf_counter() - t0

@@ -5,6 +5,7 @@ numbers from the edges and are parsed here into the enums and budgets the engine
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +45,8 @@ def _number(kind: type, what: str, lo: float | None = None, allow_none: bool = F
             raise ValueError(f"{what}={v!r}: expected a number") from None
         if lo is not None and not x >= lo:   # also refuses NaN
             raise ValueError(f"{what}={v!r} must be >= {lo}")
+        if not math.isfinite(x):
+            raise ValueError(f"{what}={v!r} must be a finite number")
         return x
     return parse
 

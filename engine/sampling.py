@@ -26,6 +26,9 @@ class SamplingParams:
     seed: int | None = field(default=None)  # moe-run's --seed is the model's (Options.seed)
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            if not np.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)} must be a finite number")
         if self.top_p <= 0:
             raise ValueError(f"top_p={self.top_p} must be > 0 (1 turns it off)")
         if not 0.0 <= self.min_p <= 1.0:

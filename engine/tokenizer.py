@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from gguf import Keys, TokenType
 
 KT = Keys.Tokenizer
@@ -197,6 +198,25 @@ _FIM_DEPRECATED = {"FIM_PRE_ID": "PREFIX_ID", "FIM_SUF_ID": "SUFFIX_ID", "FIM_MI
 _SPECIAL_NAMES = ("BOS_ID", "EOS_ID", "EOT_ID", "EOM_ID", "UNK_ID", "SEP_ID", "PAD_ID", "MASK_ID", *_FIM_TEXTS)
 
 
+class _Typed:
+    """metadata[key] if it has the expected type (a GGUF integer also reads as a bool), else a ValueError naming it."""
+
+    def __init__(self, metadata: Mapping[str, Any]) -> None:
+        self.metadata = metadata
+
+    def __call__(self, key: str, kind: type, default: Any = None) -> Any:
+        v = self.metadata.get(key)
+        if v is None:
+            return default
+        if kind is bool and isinstance(v, int):
+            return bool(v)
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            got = "an array" if isinstance(v, (list, np.ndarray)) else type(v).__name__
+            want = "an array" if kind in (list, np.ndarray, (list, np.ndarray)) else kind.__name__
+            raise ValueError(f"metadata key {key} is {got}, expected {want}")
+        return v
+
+
 class Tokenizer:
     """A GGUF vocabulary with llama.cpp's tokenize (encode) and llama_token_to_piece (token_to_piece)."""
 
@@ -233,12 +253,13 @@ class Tokenizer:
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> "Tokenizer":
         """llama_vocab::impl::load for "llama" (SentencePiece) and "gpt2" (byte-level BPE) vocabularies."""
-        model = metadata.get(KT.MODEL)
+        get = _Typed(metadata)
+        model = get(KT.MODEL, str)
         if model not in ("llama", "gpt2"):
             raise ValueError(f"unsupported tokenizer model {KT.MODEL}={model!r}: hotcold reads only 'llama' "
                              "(SentencePiece) and 'gpt2' (byte-level BPE) vocabularies")
-        tokens = metadata.get(KT.LIST)
-        if not isinstance(tokens, list) or not tokens:
+        tokens = get(KT.LIST, list)
+        if not tokens or not all(isinstance(t, str) for t in tokens):
             raise ValueError(f"{KT.LIST} is missing or empty")
         n = len(tokens)
         tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
@@ -246,31 +267,32 @@ class Tokenizer:
             pre, ignore_merges, add_bos, add_space_prefix, merges = "default", False, True, True, None
             defaults = {"BOS_ID": 1, "EOS_ID": 2, "UNK_ID": 0}
         else:
-            pre = metadata.get(KT.PRE) or "default"
+            pre = get(KT.PRE, str) or "default"
             if pre not in _PRE:
                 raise ValueError(f"unsupported BPE pre-tokenizer {KT.PRE}={pre!r}; "
                                  f"supported: {', '.join(sorted(_PRE))}")
             _, ignore_merges, add_bos = _PRE[pre]
             add_space_prefix, defaults = False, {"BOS_ID": 11, "EOS_ID": 11}
-            merges = metadata.get(KT.MERGES)
-            if not isinstance(merges, list):
+            merges = get(KT.MERGES, list)
+            if merges is None or not all(isinstance(m, str) for m in merges):
                 raise ValueError(f"{KT.MERGES} is missing: a BPE vocabulary needs its merges")
-        scores, types = metadata.get(KT.SCORES), metadata.get(KT.TOKEN_TYPE)
+        scores, types = (get(k, (list, np.ndarray)) for k in (KT.SCORES, KT.TOKEN_TYPE))
+        scores, types = (None if a is None else np.asarray(a) for a in (scores, types))
         for key, arr in ((KT.SCORES, scores), (KT.TOKEN_TYPE, types)):
-            if arr is not None and len(arr) < n:
-                raise ValueError(f"{key} has {len(arr)} entries for {n} tokens")
+            if arr is not None and (len(arr) < n or arr.dtype.kind not in "iuf" or not np.isfinite(arr[:n]).all()):
+                raise ValueError(f"{key} has {len(arr)} entries of {arr.dtype} for {n} tokens; expected finite numbers")
+        types = types.tolist() if types is not None else None
         attrs = [_ATTR_OF_TYPE.get(t, Attr.UNDEFINED) for t in types[:n]] if types is not None else [Attr.NORMAL] * n
         special: dict[str, int | None] = {}
         for name in _SPECIAL_NAMES:  # the default if in range, then the metadata's (deprecated key last) if in range
             tid = defaults.get(name)
             special[name] = tid if tid is not None and tid < n else None
             for key in (getattr(KT, name, None), getattr(KT, _FIM_DEPRECATED.get(name, "-"), None)):
-                value = metadata.get(key) if key else None
-                if isinstance(value, int) and 0 <= value < n:
+                value = get(key, int) if key else None
+                if value is not None and 0 <= value < n:
                     special[name] = value
-        tok = cls(model, pre, tokens, scores, attrs, merges, special, bool(metadata.get(KT.ADD_BOS, add_bos)),
-                  bool(metadata.get(KT.ADD_EOS, False)), bool(metadata.get(KT.ADD_PREFIX, add_space_prefix)),
-                  ignore_merges)
+        tok = cls(model, pre, tokens, scores, attrs, merges, special, get(KT.ADD_BOS, bool, add_bos),
+                  get(KT.ADD_EOS, bool, False), get(KT.ADD_PREFIX, bool, add_space_prefix), ignore_merges)
         tok._finish_specials(metadata)
         return tok
 

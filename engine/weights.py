@@ -67,15 +67,21 @@ class WeightReader:
             raise GGUFError(f"{self.f.path}: tensor {name} has shape {t.shape}, expected {ndim}-D")
         return t
 
+    def _finite(self, name: str, a: np.ndarray) -> np.ndarray:
+        # norms and routers are small enough to check at load; a NaN there would poison every token
+        if not np.isfinite(a).all():
+            raise GGUFError(f"{self.f.path}: tensor {name} holds NaN or infinite values; the file is corrupt")
+        return a
+
     def vector(self, name: str) -> np.ndarray:
         """A small tensor (norm weight, bias) as a float32 copy, flattened."""
         t = self._ref(name, 1)
-        return dequantize(self.f.raw(name), t.qtype).reshape(-1).astype(np.float32)
+        return self._finite(name, dequantize(self.f.raw(name), t.qtype).reshape(-1).astype(np.float32))
 
     def dense(self, name: str) -> QMatrix:
         """A 2-D tensor as F32 rows (routers: small, and exact products of the router's logits)."""
         t = self._ref(name, 2)
-        return _f32_matrix(dequantize(self.f.raw(name), t.qtype))
+        return _f32_matrix(self._finite(name, dequantize(self.f.raw(name), t.qtype)))
 
     def dense_row(self, name: str) -> QMatrix:
         """A 1-D tensor as a one-row F32 matrix (a gate logit per token)."""

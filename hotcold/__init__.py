@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # `hotcold.Model` without importing the engine (and compiling kernels) on `import hotcold`.
-    if name == "Model":
-        from hotcold.engine.api import Model
-        return Model
+    if name in ("Model", "ModelBusyError"):
+        from hotcold.engine import api
+        return getattr(api, name)
     raise AttributeError(name)

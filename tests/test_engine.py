@@ -151,5 +151,7 @@ def test_weights_are_memory_mapped_not_copied(tmp_path: Path) -> None:
 
 def test_context_overflow_is_a_clear_error(tmp_path: Path) -> None:
     m, ctx = _load(_gguf(TRAINED, tmp_path / "q8.gguf", "q8_0"), 8)
+    assert ctx.n_batch == 8                                       # a batch never exceeds the context (llama.cpp)
+    m.forward(np.arange(5), ctx)
     with pytest.raises(ValueError, match="exceed n_ctx=8"):
-        m.forward(np.arange(9), ctx)
+        m.forward(np.arange(4), ctx)

@@ -79,7 +79,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_tiny_file_parses(tiny_gguf: Path) -> None:
     f = GGUFFile(tiny_gguf)
-    assert f.metadata["test.nested"] == [[1, 2], [3]] and f.metadata["tokenizer.ggml.tokens"][3] == "ccc"
+    assert [a.tolist() for a in f.metadata["test.nested"]] == [[1, 2], [3]] and f.metadata["tokenizer.ggml.tokens"][3] == "ccc"
     assert f.tensors["b"].shape == (4, 32) and np.array_equal(f.raw("a").view(np.float32).ravel(), np.arange(64))
 
 

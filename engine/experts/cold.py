@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hotcold import keys
+from hotcold.quant.kernels import MATVEC
 
 from ..gguf_file import GGUFError, GGUFFile
 from ..weights import WeightReader
@@ -17,7 +18,7 @@ def open_cold(main: GGUFFile, path: Path, random_access: bool = False) -> GGUFFi
         raise FileNotFoundError(f"cold expert copies {path} not found: convert with `moe-convert MODEL {main.path}` "
                                 "(it writes them next to the main file), or serve misses hot (miss='hot', --miss hot)")
     cold = GGUFFile(path, random_access)
-    want, have = main.get(keys.EXPERTS_SHA256), cold.get(keys.COLD_OF)
+    want, have = main.get_typed(keys.EXPERTS_SHA256, str), cold.get_typed(keys.COLD_OF, str)
     if have is None:
         raise GGUFError(f"{path} is not a hotcold cold-copy file (no {keys.COLD_OF}); give the OUT.cold.gguf "
                         "moe-convert wrote")
@@ -28,6 +29,14 @@ def open_cold(main: GGUFFile, path: Path, random_access: bool = False) -> GGUFFi
     if want != have:
         raise GGUFError(f"{path} holds cold copies of different experts than {main.path} (experts sha256 "
                         f"{have[:12]}... vs {want[:12]}...); re-convert them together")
+    for name, t in main.tensors.items():   # the hash says which experts; the shapes are checked all the same
+        if not name.endswith("_exps.weight"):
+            continue
+        c = cold.tensors.get(name)
+        if c is None or c.shape != t.shape or c.qtype not in MATVEC:
+            got = "missing" if c is None else f"{c.qtype.name} {c.shape}"
+            raise GGUFError(f"{path}: cold copy of {name} is {got}, expected the shape {t.shape} of {main.path}'s "
+                            "(in a type the kernels multiply with); re-convert them together")
     return cold
 
 
