@@ -2,7 +2,7 @@
 
 Numba kernels do not check indices; a wrong one reads or writes past a buffer silently. This recompiles
 everything with bounds checks (into its own cache directory, so the normal cache is left alone) and runs the
-micro model of every architecture (tests/micro_models.py) at Q8_0 and Q4_K, and the shipped trained model,
+micro model of every architecture (tests/micro_models.py) at Q8_0 and Q4_0, the shipped trained model at Q4_K
 through prefill in several batches, decode, all-logits passes and the expert store (a 25% arena, adaptive
 misses served by cold copies, ERAS, prefetch, a RAM budget). An out-of-bounds access raises IndexError in
 the child, which is reported with its traceback. Not in CI: compiling everything twice takes minutes.
@@ -54,7 +54,7 @@ def models(work: Path) -> list[tuple[str, Path, bool]]:
     from hotcold.quant import QType
     out = []
     for variant, (_, moe, *_rest) in micro_models.VARIANTS.items():
-        for qt in (QType.Q8_0, QType.Q4_K):
+        for qt in (QType.Q8_0, QType.Q4_0):   # rows of 32: the K-quants run on the trained model
             p = work / f"{variant}-{qt.name.lower()}.gguf"
             if not p.exists():
                 micro_models.write(variant, p, qt)
