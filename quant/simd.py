@@ -286,10 +286,9 @@ def _row(builder: ir.IRBuilder, off: Any, stride: Any, t: int) -> Any:
 
 
 def _make_legacy_block(ntok: int, q4: bool) -> Any:
-    """Q8_0 (q4=False) or Q4_0 blocks against Q8_0 activations: the weight block's bytes are made unsigned once
-    (Q8_0: + 128; Q4_0: its nibbles, 0..15), dotted with each activation row, and the offset (128 or 8 times
-    the row's block sum s) taken out of the integer sum before it is scaled: exact, as ggml's dot is."""
-    offset = 8 if q4 else 128
+    """Q8_0 (q4=False) or Q4_0 blocks against Q8_0 activations, as ggml's mul_sum_i8_pairs: the weight block's
+    signed values w (Q4_0: nibble - 8) once as |w| (unsigned), each activation row as sign(x, w), so that the
+    unsigned x signed dot is w . x itself, exact, with no offset to take out per row."""
 
     @intrinsic
     def block(typingctx: Any, accf: Any, fo: Any, w: Any, wo: Any, q: Any, qo: Any, qs: Any, s: Any, so: Any,
@@ -303,17 +302,17 @@ def _make_legacy_block(ntok: int, q4: bool) -> Any:
             if q4:
                 wv = _load_at(builder, wd, _plus(builder, wo_v, 2), _B16)
                 m = ir.Constant(_B16, [15] * 16)
-                u = builder.shuffle_vector(builder.and_(wv, m), builder.and_(builder.lshr(wv, ir.Constant(_B16, [4] * 16)), m),
-                                           ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+                nib = builder.shuffle_vector(builder.and_(wv, m), builder.and_(builder.lshr(wv, ir.Constant(_B16, [4] * 16)), m),
+                                             ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+                ws = builder.sub(nib, ir.Constant(_B32, [8] * 32))
             else:
-                u = builder.xor(_load_at(builder, wd, _plus(builder, wo_v, 2), _B32), ir.Constant(_B32, [0x80] * 32))
-            zero = ir.Constant(_I32, 0)
+                ws = _load_at(builder, wd, _plus(builder, wo_v, 2), _B32)
+            u = builder.call(_fn(builder, "llvm.abs.v32i8", _B32, [_B32, ir.IntType(1)]),
+                             [ws, ir.Constant(ir.IntType(1), 0)])   # |-128| is 128 as an unsigned byte
+            psign = _fn(builder, "llvm.x86.avx2.psign.b", _B32, [_B32, _B32])
             for t in range(ntok):
                 qv = _load_at(builder, qd, _row(builder, qo_v, qs_v, t), _B32)
-                acc = _dot_u8s8(builder, ir.Constant(_D8, [0] * 8), u, qv)
-                st = _load_at(builder, sd, _row(builder, so_v, ss_v, t), _I32, 4)
-                lane0 = builder.sub(builder.extract_element(acc, zero), builder.mul(st, ir.Constant(_I32, offset)))
-                acc = builder.insert_element(acc, lane0, zero)
+                acc = _dot_u8s8(builder, ir.Constant(_D8, [0] * 8), u, builder.call(psign, [qv, ws]))
                 scale = builder.fmul(dw, _load_at(builder, dd, _row(builder, do_v, ds_v, t), _F32, 4))
                 _accumulate(builder, fa, fo_v, t, acc, scale)
             return context.get_dummy_value()
