@@ -15,21 +15,80 @@ from hotcold.engine.sampling import SamplingParams
 from .flags import add_options, given, one_line
 
 
+# llama-cli flags for what hotcold does not have: named as such, not mistaken for something else
+UNSUPPORTED = ("-fa", "--flash-attn", "--mlock", "--no-mmap", "-ngld", "--n-gpu-layers-draft", "--lora",
+               "--lora-scaled", "--control-vector", "-md", "--model-draft", "--grammar", "--grammar-file", "-j",
+               "--json-schema", "-i", "--interactive", "-if", "--interactive-first", "-sm", "--split-mode", "-ts",
+               "--tensor-split", "-mg", "--main-gpu", "--numa", "-cb", "--cont-batching", "-np", "--parallel",
+               "--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
+               "-dt", "--defrag-thold", "--mirostat", "--mirostat-lr", "--mirostat-ent", "--typical",
+               "--dynatemp-range", "--presence-penalty", "--frequency-penalty", "--dry-multiplier",
+               "--xtc-probability", "--jinja", "--chat-template", "--chat-template-file", "-e", "--escape",
+               "--keep", "--prompt-cache", "--in-prefix", "--in-suffix", "-tb", "--threads-batch", "-ub",
+               "--ubatch-size", "-ot", "--override-tensor", "-dev", "--device-draft", "--log-file")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-run", description="Run a GGUF MoE model: `-p PROMPT` for a one-shot "
-                                "completion, no -p for an interactive chat (the model's chat template).")
-    p.add_argument("model", help="GGUF file (from moe-convert or llama.cpp)")
-    p.add_argument("-p", "--prompt", help="complete this prompt and exit")
-    p.add_argument("-n", "--n-predict", type=int, default=256, help="tokens to generate (default 256; -1: until EOS)")
-    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p = argparse.ArgumentParser(prog="moe-run", allow_abbrev=False, description="Run a GGUF MoE model: `-p PROMPT` "
+                                "for a one-shot completion, no -p (or -cnv) for an interactive chat (the model's "
+                                "chat template). Flags are llama-cli's where hotcold has the feature.")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="GGUF file (from moe-convert or llama.cpp); or -m")
+    p.add_argument("-m", "--model", dest="model", default=None, help="GGUF file, as llama-cli's -m")
+    p.add_argument("-p", "--prompt", help="complete this prompt and exit (with -cnv: the system prompt)")
+    p.add_argument("-f", "--file", default=None, help="read the prompt from this file")
+    p.add_argument("-n", "--n-predict", type=int, default=None,
+                   help="tokens to generate: -1 until end of text (or the context), 0 none (default: 256 for a "
+                   "completion, to the end of the turn in a chat)")
+    p.add_argument("-r", "--reverse-prompt", "--stop", dest="stop", action="append", default=[],
+                   help="stop at this string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
-    p.add_argument("-sys", "--system", default=None, help="system message for the chat")
+    p.add_argument("-sys", "--system-prompt", "--system", dest="system", default=None,
+                   help="system message for the chat")
+    conv = p.add_mutually_exclusive_group()
+    conv.add_argument("-cnv", "--conversation", dest="conversation", action="store_const", const=True, default=None,
+                      help="chat mode (the default without -p)")
+    conv.add_argument("-no-cnv", "--no-conversation", dest="conversation", action="store_const", const=False,
+                      help="one-shot completion (the default with -p)")
+    p.add_argument("--no-display-prompt", action="store_true",
+                   help="accepted for llama-cli: hotcold never echoes the prompt, stdout is the generated text")
+    p.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="ngl", type=int, default=None, metavar="N",
+                   help="llama-cli's layer offload: N > 0 runs on the GPU (--device cuda), 0 on the CPU")
     add_options(p, Options)
     add_options(p, SamplingParams)
     r = next(g for g in p._action_groups if g.title == "expert residency (see README)")
     r.add_argument("--stats", action="store_true", help="print per-layer expert cache statistics to stderr")
     r.add_argument("--heatmap", default=None, metavar="PNG", help="save a layer x expert activation heatmap")
     return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, llama-cli's aliases resolved; a llama-cli flag hotcold lacks is named as such (exit 2)."""
+    p = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    for a in argv:
+        if a.split("=", 1)[0] in UNSUPPORTED:
+            p.error(f"{a.split('=', 1)[0]} is a llama-cli flag that hotcold does not support")
+    args = p.parse_args(argv)
+    if (args.model is None) == (args.model_pos is None):
+        p.error("give the model once: moe-run MODEL or moe-run -m MODEL")
+    args.model = args.model or args.model_pos
+    if args.file is not None:
+        if args.prompt is not None:
+            p.error("give the prompt with -p or -f, not both")
+        try:
+            with open(args.file, encoding="utf-8", errors="replace") as fh:
+                args.prompt = fh.read()
+        except OSError as e:
+            p.error(f"cannot read -f {args.file}: {e.strerror}")
+    if args.ngl is not None:
+        if args.ngl < 0:
+            p.error(f"-ngl {args.ngl}: give 0 (CPU) or a positive count (GPU)")
+        if getattr(args, "device", None) is not None and (args.device == "cuda") != (args.ngl > 0):
+            p.error(f"-ngl {args.ngl} and --device {args.device} disagree")
+        args.device = "cuda" if args.ngl > 0 else "cpu"
+    if args.n_predict is not None and args.n_predict < -2:
+        p.error(f"-n {args.n_predict}: give -1 (until the end), 0 (none) or a count")
+    return args
 
 
 def _stats(m: Model) -> None:
@@ -57,8 +116,9 @@ def _stats(m: Model) -> None:
           "copies loaded plus cold copies computed with; prefetch: share of selections predicted", file=sys.stderr)
 
 
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(max_tokens=args.n_predict, stop=args.stop or None, ignore_eos=args.ignore_eos,
+def _sampling(args: argparse.Namespace, default: int) -> dict[str, Any]:
+    n = default if args.n_predict is None else args.n_predict
+    return dict(max_tokens=-1 if n < 0 else n, stop=args.stop or None, ignore_eos=args.ignore_eos,
                 **given(args, SamplingParams))
 
 
@@ -95,31 +155,56 @@ def _timings(m: Model) -> None:
 
 
 def chat(m: Model, args: argparse.Namespace) -> None:
-    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
+    """llama-cli's conversation: a reply runs to the end of its turn (or -n); Ctrl-C stops the reply and
+    returns to the prompt; an empty line asks again; /exit or Ctrl-D quits."""
+    system = args.system if args.system is not None else args.prompt
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    print("chat: type a message; Ctrl-C stops a reply, /exit or Ctrl-D quits", file=sys.stderr)
     while True:
         print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return
+        if not line:                                                     # Ctrl-D
+            print(file=sys.stderr)
+            return
         if not line.strip():
+            continue
+        if line.strip() == "/exit":
             return
         history.append({"role": "user", "content": line.rstrip("\n")})
-        chunks = m.create_chat_completion(history, stream=True, **_sampling(args))
-        reply = _stream(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        pieces: list[str] = []
+        chunks = None
+        try:
+            chunks = m.create_chat_completion(history, stream=True, **_sampling(args, -1))
+            for c in chunks:
+                piece = c["choices"][0]["delta"].get("content", "")
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                pieces.append(piece)
+        except KeyboardInterrupt:                                        # the reply stops; the chat goes on
+            if chunks is not None:
+                chunks.close()
+            print("\n[reply stopped]", file=sys.stderr)
         print(flush=True)
-        history.append({"role": "assistant", "content": reply})
+        history.append({"role": "assistant", "content": "".join(pieces)})
         if m.verbose:
             _timings(m)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         m = Model.load(args.model, **given(args, Options))
-        if args.prompt is not None:
-            _stream(m.generate(args.prompt, **_sampling(args)))
-            print(flush=True)
-            if m.verbose:
-                _timings(m)
+        conversation = args.conversation if args.conversation is not None else args.prompt is None
+        if not conversation:
+            if args.n_predict != 0:                                      # -n 0: llama-cli generates nothing
+                _stream(m.generate(args.prompt or "", **_sampling(args, 256)))
+                print(flush=True)
+                if m.verbose:
+                    _timings(m)
         else:
             chat(m, args)
         if args.stats:

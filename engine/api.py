@@ -89,8 +89,8 @@ class Model:
         self._prefetch_given = "prefetch" in options
         self.verbose = opt.verbose
         self.path = Path(path)
-        if opt.n_threads is not None:
-            numba.set_num_threads(opt.n_threads)
+        if opt.n_threads is not None:   # llama.cpp takes any count; Numba's pool is NUMBA_NUM_THREADS at most
+            numba.set_num_threads(min(opt.n_threads, numba.config.NUMBA_NUM_THREADS))
         self.file = GGUFFile(self.path, random_access=opt.ram_budget is not None)
         self._helper = self._start_precompile(opt)
         self.plan: MemoryPlan | None = None

@@ -68,15 +68,16 @@ class Options:
                         cli=int)
     n_batch: int = option(512, "-b", "--batch-size", help="prompt tokens per forward batch",
                           parse=_number(int, "n_batch", 1), cli=int)
-    n_threads: int | None = option(None, "-t", "--threads", help="threads (default: all cores)",
+    n_threads: int | None = option(None, "-t", "--threads", help="threads (default: all cores; more than the cores "
+                                   "runs on all of them, as Numba's pool is that size)",
                                    parse=_number(int, "n_threads", 1, allow_none=True), cli=int)
     type_k: CacheType = option(CacheType.F16, "-ctk", "--cache-type-k", help="KV cache type for K",
                                parse=_enum(CacheType, "cache type"), choices=CacheType)
     type_v: CacheType = option(CacheType.F16, "-ctv", "--cache-type-v", help="KV cache type for V",
                                parse=_enum(CacheType, "cache type"), choices=CacheType)
-    seed: int | None = option(None, "--seed", help="random seed (default: random)",
+    seed: int | None = option(None, "-s", "--seed", help="random seed (default: random)",
                               parse=lambda v: None if v is None else int(v), cli=int)
-    verbose: bool = option(False, "--verbose", help="print load time and prompt/decode speed to stderr",
+    verbose: bool = option(False, "-v", "--verbose", help="print load time and prompt/decode speed to stderr",
                            parse=bool, cli=None)
     expert_budget: Budget | None = option(
         None, "--expert-budget", help="hot expert arena size: a share like 25%% or a size like 2GiB (default: no cache)",
@@ -128,8 +129,6 @@ class Options:
         if self.type_k != self.type_v:
             raise ValueError(f"type_k={self.type_k.value!r}, type_v={self.type_v.value!r}: K and V of different cache "
                              "types are not supported yet; give both the same (--cache-type-k, --cache-type-v)")
-        if self.n_threads is not None and self.n_threads > numba.config.NUMBA_NUM_THREADS:
-            raise ValueError(f"n_threads={self.n_threads}: this machine allows 1..{numba.config.NUMBA_NUM_THREADS}")
         if not 0.0 <= self.miss_t1 <= self.miss_t2 <= 1.0:
             raise ValueError(f"miss thresholds miss_t1={self.miss_t1}, miss_t2={self.miss_t2}: "
                              "need 0 <= t1 <= t2 <= 1")
