@@ -82,7 +82,11 @@ class Model:
     Keywords are the fields of engine.options.Options (n_ctx, n_batch, n_threads, seed, verbose and the
     expert residency options), the same as moe-run's flags."""
 
-    def __init__(self, path: str | Path, **options: Any) -> None:
+    def __init__(self, path: str | Path | None = None, **options: Any) -> None:
+        model_path = options.pop("model_path", None)   # llama-cpp-python's Llama(model_path=...)
+        if (path is None) == (model_path is None):
+            raise TypeError("give the model file once: Model(path) or Model(model_path=path)")
+        path = path if path is not None else model_path
         t0 = time.perf_counter()
         self._busy = threading.Lock()
         self.options = opt = Options.parse(**_ram_defaults(Path(path), options))
@@ -287,7 +291,7 @@ class Model:
         self._stats_base = (_major_faults(), self.ctx.forward_s)
 
     @classmethod
-    def load(cls, path: str | Path, **options: Any) -> "Model":
+    def load(cls, path: str | Path | None = None, **options: Any) -> "Model":
         return cls(path, **options)
 
     # --- properties ------------------------------------------------------------------------------------
@@ -405,8 +409,11 @@ class Model:
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                  repeat_last_n: int = 64, seed: int | None = None, stop: str | Sequence[str] | None = None,
-                 ignore_eos: bool = False, add_bos: bool = True) -> Iterator[str]:
-        """Yield the completion of `prompt` piece by piece (stops on EOS/EOT, a stop string, or max_tokens)."""
+                 ignore_eos: bool = False, add_bos: bool = True,
+                 _logprobs: tuple[list, int] | None = None) -> Iterator[str]:
+        """Yield the completion of `prompt` piece by piece (stops on EOS/EOT, a stop string, or max_tokens).
+        `_logprobs` (completions' logprobs): a list that gets (token, its logprob, the n best (token, logprob))
+        for each generated token, n the tuple's second item."""
         with self._exclusive():   # released when the generator finishes, is closed or is collected
             ids = list(prompt) if not isinstance(prompt, str) else self.tokenize(prompt, add_bos=add_bos, special=True)
             stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -429,6 +436,8 @@ class Model:
                     finish = "stop"
                     break
                 sampler.accept(tok)
+                if _logprobs is not None:
+                    _logprobs[0].append(_token_logprobs(logits, tok, _logprobs[1]))
                 text += detok.feed(tok)
                 hit = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stops) if i >= 0), default=-1)
                 if hit >= 0:  # a stop string: emit up to it, never the string itself
@@ -454,27 +463,72 @@ class Model:
             self.ctx.timings = dict(prompt_tokens=len(ids), prompt_s=t1 - t0, gen_tokens=n_gen, gen_s=t2 - t1,
                                     eval_runs=runs, eval_s=eval_s)
 
-    def create_completion(self, prompt: str, max_tokens: int | None = 16, stream: bool = False,
-                          **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """OpenAI-shaped text completion (llama-cpp-python's create_completion)."""
+    def __call__(self, prompt: str, **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """create_completion, as llama-cpp-python's Llama is called."""
+        return self.create_completion(prompt, **kwargs)
+
+    def create_completion(self, prompt: str, max_tokens: int | None = 16, stream: bool = False, echo: bool = False,
+                          logprobs: int | None = None, **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """OpenAI-shaped text completion (llama-cpp-python's create_completion): `echo` puts the prompt before the
+        text, `logprobs=n` gives each token's log-probability and the n most likely (with echo, the prompt's too)."""
         cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
 
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+        def chunk(text: str, finish: str | None, lp: dict[str, Any] | None = None) -> dict[str, Any]:
             return {"id": cid, "object": "text_completion", "created": created, "model": str(self.path),
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}]}
 
-        pieces = self.generate(prompt, max_tokens=max_tokens or 0, **kwargs)
+        if logprobs is not None and (stream or int(logprobs) < 0):
+            raise ValueError("logprobs needs stream=False and a count >= 0 (of the most likely tokens to list)")
+        ids = self.tokenize(prompt, add_bos=True, special=True)
+        trace: list = []
+        pieces = self.generate(ids, max_tokens=max_tokens or 0, _logprobs=None if logprobs is None else
+                               (trace, int(logprobs)), **kwargs)
         if stream:
             def gen() -> Iterator[dict[str, Any]]:
+                if echo:
+                    yield chunk(prompt, None)
                 for p in pieces:
                     yield chunk(p, None)
                 yield chunk("", self.last_finish_reason)
             return gen()
         text = "".join(pieces)
-        out = chunk(text, self.last_finish_reason)
+        lp = None
+        if logprobs is not None:
+            entries = trace
+            if echo:
+                entries = self._prompt_logprobs(ids, int(logprobs)) + trace
+            lp = self._completion_logprobs(entries, len(prompt) if echo else 0, echo)
+        out = chunk(prompt + text if echo else text, self.last_finish_reason, lp)
         n_prompt, n_gen = int(self.timings["prompt_tokens"]), int(self.timings["gen_tokens"])
         out["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
         return out
+
+    def _chat_logprobs(self, trace: list) -> dict[str, Any]:
+        def entry(t: int, lp: float) -> dict[str, Any]:
+            b = self.tokenizer.token_to_piece(t, special=False)
+            return {"token": b.decode("utf-8", errors="ignore"), "logprob": lp, "bytes": list(b)}
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(c, v) for c, v in top]} for t, lp, top in trace]}
+
+    def _piece(self, t: int) -> str:
+        return self.tokenizer.token_to_piece(t, special=False).decode("utf-8", errors="ignore")
+
+    def _prompt_logprobs(self, ids: list[int], n: int) -> list:
+        """(token, logprob, n best) of each prompt token given those before it; the first has none."""
+        z = self.logits(ids)
+        return [(ids[0], None, None)] + [_token_logprobs(z[i - 1], ids[i], n) for i in range(1, len(ids))]
+
+    def _completion_logprobs(self, entries: list, offset: int, echo: bool) -> dict[str, Any]:
+        """llama-cpp-python's logprobs object: tokens, text_offset, token_logprobs, top_logprobs."""
+        tokens, offsets, lps, tops = [], [], [], []
+        pos = 0 if echo else offset
+        for t, lp, top in entries:
+            piece = self._piece(t)
+            tokens.append(piece)
+            offsets.append(pos)
+            pos += len(piece)
+            lps.append(lp)
+            tops.append(None if top is None else {self._piece(c): v for c, v in top})
+        return {"tokens": tokens, "text_offset": offsets, "token_logprobs": lps, "top_logprobs": tops}
 
     def chat_template(self) -> ChatTemplate:
         tok = self.tokenizer
@@ -482,16 +536,22 @@ class Model:
         return ChatTemplate(self.file.get_typed(Keys.Tokenizer.CHAT_TEMPLATE, str), piece(tok.bos_id), piece(tok.eos_id))
 
     def create_chat_completion(self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None = None,
-                               stream: bool = False, **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """OpenAI-shaped chat completion: the model's chat template, then a completion."""
+                               stream: bool = False, logprobs: bool = False, top_logprobs: int | None = None,
+                               **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """OpenAI-shaped chat completion: the model's chat template, then a completion; `logprobs` (with
+        `top_logprobs` alternatives) as OpenAI's and llama-cpp-python's chat logprobs."""
+        if logprobs and stream:
+            raise ValueError("logprobs needs stream=False")
         prompt = self.chat_template().render(messages, add_generation_prompt=True)
         ids = self.tokenize(prompt, add_bos=False, special=True)
         cid, created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
-        pieces = self.generate(ids, max_tokens=max_tokens or 0, **kwargs)
+        trace: list = []
+        pieces = self.generate(ids, max_tokens=max_tokens or 0,
+                               _logprobs=(trace, int(top_logprobs or 0)) if logprobs else None, **kwargs)
 
         def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": str(self.path),
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
         if stream:
             def gen() -> Iterator[dict[str, Any]]:
@@ -504,8 +564,18 @@ class Model:
         n_prompt, n_gen = int(self.timings["prompt_tokens"]), int(self.timings["gen_tokens"])
         return {"id": cid, "object": "chat.completion", "created": created, "model": str(self.path),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": self._chat_logprobs(trace) if logprobs else None,
                              "finish_reason": self.last_finish_reason}],
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
+
+
+def _token_logprobs(logits: np.ndarray, tok: int, n: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """(tok, its log-probability under softmax(logits), the n most likely (token, log-probability))."""
+    z = logits.astype(np.float64)
+    lsm = z - z.max()
+    lsm -= np.log(np.exp(lsm).sum())
+    best = np.argsort(-lsm, kind="stable")[:n]
+    return tok, float(lsm[tok]), [(int(t), float(lsm[t])) for t in best]
 
 
 def _partial_suffix(text: str, stop: str) -> int:
@@ -519,5 +589,6 @@ def _partial_suffix(text: str, stop: str) -> int:
 # help(Model) and IDEs show the options as keywords
 Model.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-     inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+     inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+     inspect.Parameter("model_path", inspect.Parameter.KEYWORD_ONLY, default=None)]
     + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in fields(Options)])
