@@ -93,13 +93,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _stats(m: Model) -> None:
     s = m.expert_stats()
-    cols = ("tokens", "hits", "misses", "cold", "cold_uploaded", "skipped", "loads", "bytes_moved")
-    print("layer " + " ".join(f"{c:>11}" for c in cols) + "   prefetch", file=sys.stderr)
+    cols = ("tokens", "hits", "misses", "hot", "cold", "cold_uploaded", "skipped", "loads", "prefetched", "MiB_moved")
+
+    def row(d: dict) -> list[Any]:
+        return [d["tokens"], d["hits"], d["misses"], d["misses"] - d["cold"] - d["skipped"], d["cold"],
+                d["cold_uploaded"], d["skipped"], d["loads"], d["prefetched"], f"{d['bytes_moved'] / 2**20:.2f}"]
+
+    print("layer " + " ".join(f"{c:>13}" for c in cols) + "   prefetch", file=sys.stderr)
     for i, layer in enumerate(s["layers"]):
         acc = f"{layer['predicted_right'] / layer['predicted']:.2f}" if layer["predicted"] else "-"
-        print(f"{i:5d} " + " ".join(f"{layer[c]:>11}" for c in cols) + f"   {acc:>8}", file=sys.stderr)
+        print(f"{i:5d} " + " ".join(f"{v:>13}" for v in row(layer)) + f"   {acc:>8}", file=sys.stderr)
     acc = f"{s['prefetch_accuracy']:.2f}" if s["prefetch_accuracy"] is not None else "-"
-    print("total " + " ".join(f"{s[c]:>11}" for c in cols) + f"   {acc:>8}", file=sys.stderr)
+    print("total " + " ".join(f"{v:>13}" for v in row(s)) + f"   {acc:>8}", file=sys.stderr)
     n = s["tokens"]
     if n:
         print(f"per token: {s['misses'] / n:.2f} misses, {s['bytes_moved'] / n / 2**20:.3f} MiB moved, "
@@ -110,10 +115,12 @@ def _stats(m: Model) -> None:
         shown = ", ".join(f"{k} {v:.1%}" for k, v in rates.items() if v is not None)
         if shown:
             print(f"served by tier: {shown}", file=sys.stderr)
-    print("tokens: routed through the layer; hits/misses: (token, expert) selections resident or not in the hot "
-          "arena; cold: misses computed with the cold copy (cold_uploaded: of those, on the GPU); skipped: misses "
-          "dropped by gate weight; loads: hot copies brought in (misses and prefetches); bytes_moved: bytes of hot "
-          "copies loaded plus cold copies computed with; prefetch: share of selections predicted", file=sys.stderr)
+    print("counts are (token, expert) selections: hits + misses = tokens x experts used; misses = hot (computed at "
+          "full precision: loaded into the arena, or read from the file when no slot could be freed) + cold "
+          "(computed with the cold copy; cold_uploaded: of those, on the GPU) + skipped (dropped by gate weight); "
+          "loads: hot copies brought in, for misses, prefetches (prefetched) and background reads; MiB_moved: "
+          "MiB of hot copies loaded plus cold copies computed with; prefetch: share of selections predicted",
+          file=sys.stderr)
 
 
 def _sampling(args: argparse.Namespace, default: int) -> dict[str, Any]:
@@ -194,9 +201,22 @@ def chat(m: Model, args: argparse.Namespace) -> None:
             _timings(m)
 
 
+def _check_stats_flags(args: argparse.Namespace) -> None:
+    """--stats and --heatmap count the expert cache; they are refused before anything runs when they cannot work."""
+    if (args.stats or args.heatmap) and not Options.parse(**given(args, Options)).residency:
+        raise ValueError("--stats and --heatmap count what the expert cache does: give --expert-budget (100% counts "
+                         "every selection without evicting) or another residency option")
+    if args.heatmap:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--heatmap needs matplotlib: pip install 'hotcold[plot]' (matplotlib only)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
+        _check_stats_flags(args)
         m = Model.load(args.model, **given(args, Options))
         conversation = args.conversation if args.conversation is not None else args.prompt is None
         if not conversation:

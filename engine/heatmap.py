@@ -1,4 +1,4 @@
-"""A layer x expert activation heatmap as PNG (matplotlib, an optional dependency: the `bench` extra)."""
+"""A layer x expert activation heatmap as PNG (matplotlib, an optional dependency: the `plot` extra)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +13,7 @@ def save_heatmap(activations: np.ndarray, path: str | Path, title: str = "expert
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise ImportError("saving a heatmap needs matplotlib: pip install 'hotcold[bench]'") from e
+        raise ImportError("saving a heatmap needs matplotlib: pip install 'hotcold[plot]' (matplotlib only)") from e
     a = np.asarray(activations, dtype=np.float64)
     if a.size == 0:
         raise ValueError("no expert activations recorded: run with an expert budget (--expert-budget) first")

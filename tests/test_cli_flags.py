@@ -106,3 +106,24 @@ def test_chat_empty_lines_ask_again_and_exit_quits(trained_q8: Path) -> None:
     r = _moe_run(str(trained_q8), "-n", "4", "--temp", "0", stdin="\n\nhello\n/exit\nnot read\n")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("> ") == 4 and r.stdout.strip()              # 2 empty lines, one reply, then /exit
+
+
+def test_stats_without_a_cache_is_refused_before_anything_runs(trained_q8: Path) -> None:
+    r = _moe_run(str(trained_q8), "-p", PROMPT, "-n", "4", "--stats")
+    assert r.returncode == 2 and "--expert-budget" in r.stderr and r.stdout == "", r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_stats_columns_add_up(trained_q8: Path) -> None:
+    r = _moe_run(str(trained_q8), "-p", PROMPT, "-n", "24", "--temp", "0", "--expert-budget", "25%", "--miss",
+                 "adaptive", "--stats")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    head = next(ln for ln in lines if ln.startswith("layer ")).split()[1:-1]
+    rows = [x for x in lines if x.split() and (x.split()[0].isdigit() or x.startswith("total "))]
+    for ln in rows:                                     # the total's tokens go through every one of the layers
+        v = dict(zip(head, ln.split()[1:]))
+        hits, misses, hot, cold, skipped = (int(v[k]) for k in ("hits", "misses", "hot", "cold", "skipped"))
+        layers = len(rows) - 1 if ln.startswith("total") else 1
+        assert hits + misses == int(v["tokens"]) * 2 * layers and misses == hot + cold + skipped and hot >= 0, ln
+    assert "misses = hot (computed at full precision" in r.stderr
