@@ -386,11 +386,15 @@ class Model:
     def perplexity(self, text: str | Sequence[int], n_ctx: int | None = None) -> float:
         """llama.cpp `perplexity`'s measure: text (or its token ids) cut into chunks of n_ctx tokens, each
         starting with BOS; the second half of each chunk is scored (its first half is context)."""
+        nll = np.concatenate(list(self.perplexity_chunks(text, n_ctx)))
+        return float(np.exp(nll.mean()))
+
+    def perplexity_chunks(self, text: str | Sequence[int], n_ctx: int | None = None) -> Iterator[np.ndarray]:
+        """For each chunk of `perplexity`, the negative log-likelihoods (float64) of its scored tokens."""
         n = min(n_ctx or self.n_ctx, self.n_ctx)
         ids = self.tokenize(text, add_bos=False) if isinstance(text, str) else list(text)
-        if len(ids) < n:
-            raise ValueError(f"perplexity needs at least n_ctx={n} tokens of text, got {len(ids)}")
-        nll, count = 0.0, 0
+        if n < 2 or len(ids) < n:
+            raise ValueError(f"perplexity needs at least n_ctx={n} tokens of text (and n_ctx >= 2), got {len(ids)}")
         for start in range(0, len(ids) - n + 1, n):
             chunk = ids[start:start + n]
             if self.tokenizer.bos_id is not None and self.tokenizer.add_bos:
@@ -400,9 +404,7 @@ class Model:
             first = n // 2
             z = logits[first - 1:n - 1]
             lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
-            nll += float(np.sum(lse - z[np.arange(len(z)), chunk[first:]]))
-            count += len(z)
-        return float(np.exp(nll / count))
+            yield lse - z[np.arange(len(z)), chunk[first:]]
 
     # --- generation ------------------------------------------------------------------------------------
 
