@@ -8,13 +8,13 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One argument per field of `cls` that has flags; a flag not given is left out of the namespace,
-    so the dataclass's own default applies."""
+def add_options(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
+    """One argument per field of `cls` that has flags (but the fields in `exclude`, which a tool defines its own
+    way); a flag not given is left out of the namespace, so the dataclass's own default applies."""
     groups: dict[str, Any] = {}
     for f in fields(cls):
         md = f.metadata
-        if not md.get("flags"):
+        if not md.get("flags") or f.name in exclude:
             continue
         group = md.get("group", "model")
         target = parser if group == "model" else groups.setdefault(group, parser.add_argument_group(group))
