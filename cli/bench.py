@@ -52,15 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _hotcold(m: Model) -> dict[str, Callable[[list[int]], None]]:
     def pp(ids: list[int]) -> None:
-        with m._exclusive():
-            m.ctx.seek(0)
-            m._forward(ids)
+        m.reset()
+        m.eval(ids)
 
     def tg(ids: list[int]) -> None:
-        with m._exclusive():
-            m.ctx.seek(0)
-            for t in ids:
-                m._forward([t])
+        m.reset()
+        for t in ids:
+            m.eval([t])
     return {"pp": pp, "tg": tg}
 
 

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             text = fh.read()
         m = Model.load(args.model or args.model_pos, **{**opts, "n_ctx": opts.get("n_ctx", 512)})
         n_ctx = m.n_ctx
-        if "n_ctx" not in opts and n_ctx > m.model.cfg.n_ctx_train:   # chunks no longer than the model learnt
-            n_ctx = m.model.cfg.n_ctx_train
+        if "n_ctx" not in opts and n_ctx > m.n_ctx_train:   # chunks no longer than the model learnt
+            n_ctx = m.n_ctx_train
         n_tokens = len(m.tokenize(text, add_bos=False))
         if n_tokens < n_ctx:
             raise ValueError(f"{args.file} has {n_tokens} tokens; perplexity needs at least n_ctx={n_ctx} (lower -c)")

@@ -304,6 +304,25 @@ class Model:
     def n_vocab(self) -> int:
         return self.model.cfg.n_vocab
 
+    @property
+    def n_ctx_train(self) -> int:
+        """The context length the model was trained on (its GGUF's context_length)."""
+        return self.model.cfg.n_ctx_train
+
+    def reset(self) -> None:
+        """Empty the context (llama-cpp-python's Llama.reset)."""
+        with self._exclusive():
+            self.ctx.seek(0)
+
+    def eval(self, ids: Sequence[int]) -> None:
+        """Append tokens to the context, n_batch at a time (llama-cpp-python's Llama.eval)."""
+        with self._exclusive():
+            ids = [int(t) for t in ids]
+            self._check_fits(self.ctx.n_past + len(ids))
+            self._check_ids(ids)
+            if ids:
+                self._check_logits(self._forward(ids)[-1])
+
     # --- tokens ----------------------------------------------------------------------------------------
 
     def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:

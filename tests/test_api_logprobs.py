@@ -72,3 +72,17 @@ def test_model_path_once(trained_q8: Path) -> None:
         Model(trained_q8, model_path=trained_q8)
     with pytest.raises(ValueError, match="stream"):
         Model(model_path=trained_q8, n_ctx=64).create_completion("x", logprobs=2, stream=True)
+
+
+def test_eval_and_reset_as_llama_cpp_python(model: Model) -> None:
+    ids = model.tokenize(PROMPT, add_bos=True, special=True)
+    model.reset()
+    model.eval(ids)
+    model.eval([5])
+    assert model.ctx.tokens == ids + [5] and model.n_ctx_train == 2048
+    model.reset()
+    assert model.ctx.n_past == 0
+    with pytest.raises(ValueError, match="do not fit"):
+        model.eval([5] * (model.n_ctx + 1))
+    with pytest.raises(ValueError, match="out of range"):
+        model.eval([-1])

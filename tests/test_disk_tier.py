@@ -263,4 +263,4 @@ def test_moe_run_stats_under_a_budget_show_the_disk_counters(trained_q8: Path, c
     assert main([str(trained_q8), "-p", PROMPT, "-n", "8", "--temp", "0", "-c", "256", "-b", "64",
                  "--ram-budget", "14MiB", "--stats"]) == 0
     err = capsys.readouterr().err
-    assert "MiB read from disk" in err and "served by tier: hot" in err and "bytes_moved: bytes of" in err
+    assert "MiB read from disk" in err and "served by tier: hot" in err and "MiB_moved: MiB of" in err

@@ -20,7 +20,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_model_keywords_are_the_options() -> None:
     params = inspect.signature(Model.__init__).parameters
-    assert [p for p in params if p not in ("self", "path")] == [f.name for f in fields(Options)]
+    assert [p for p in params if p not in ("self", "path", "model_path")] == [f.name for f in fields(Options)]
 
 
 def test_moe_run_has_a_flag_for_every_option() -> None:
