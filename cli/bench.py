@@ -22,7 +22,7 @@ from hotcold.engine.api import Model
 from hotcold.engine.gguf_file import GGUFFile
 from hotcold.engine.options import Options
 
-from .flags import add_options, given, one_line
+from .flags import add_options, given, guarded
 
 
 def _ints(v: str) -> list[int]:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"-r {args.repetitions}: give at least 1")
     path = Path(args.model or args.model_pos)
     tests = [("pp", n) for n in args.n_prompt if n] + [("tg", n) for n in args.n_gen if n]
-    try:
+    def run() -> None:
         opts = given(args, Options)
         n_ctx = max([n for _, n in tests] + [16]) + 16
         m = Model.load(path, **{**opts, "n_ctx": max(opts.get("n_ctx", 0), n_ctx)})
@@ -127,13 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             if llm is not None:
                 llm.close()
         _print(rows, args.output, args.vs_llama_cpp)
-    except (ValueError, OSError, ImportError, RuntimeError) as e:
-        print(f"moe-bench: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nmoe-bench: interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return guarded("moe-bench", run)
 
 
 def _key(engine: str) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import enum
+import sys
 from dataclasses import MISSING, fields
-from typing import Any
+from typing import Any, Callable
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
@@ -40,3 +41,21 @@ def one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     return " ".join((str(e) or type(e).__name__).split())
+
+
+def guarded(prog: str, body: Callable[[], None], memory_hint: str = "") -> int:
+    """A CLI's exit status for `body`: what a file or an option gets wrong (ValueError and its subclasses),
+    OSErrors (missing file, permission, full disk), a busy model and MemoryError are one line and exit 2;
+    Ctrl-C is 130."""
+    try:
+        body()
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{prog}: error: out of memory{memory_hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -16,7 +16,7 @@ import numpy as np
 from hotcold.engine.api import Model
 from hotcold.engine.options import Options
 
-from .flags import add_options, given, one_line
+from .flags import add_options, given, guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.model is None) == (args.model_pos is None):
         p.error("give the model once: moe-perplexity MODEL -f FILE or -m MODEL -f FILE")
     opts = given(args, Options)
-    try:
+
+    def run() -> None:
         with open(args.file, encoding="utf-8", errors="replace") as fh:
             text = fh.read()
         m = Model.load(args.model or args.model_pos, **{**opts, "n_ctx": opts.get("n_ctx", 512)})
@@ -56,13 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         err = ppl * math.sqrt(var / (count - 1)) if var > 0 and count > 1 else 0.0
         print(f"\nFinal estimate: PPL = {ppl:.4f} +/- {err:.5f}", flush=True)
         print(f"perplexity: {count} tokens scored in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    except (ValueError, OSError, ImportError, RuntimeError) as e:
-        print(f"moe-perplexity: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nmoe-perplexity: interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return guarded("moe-perplexity", run)
 
 
 if __name__ == "__main__":

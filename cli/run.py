@@ -12,7 +12,7 @@ from hotcold.engine.api import Model
 from hotcold.engine.options import Options
 from hotcold.engine.sampling import SamplingParams
 
-from .flags import add_options, given, one_line
+from .flags import add_options, given, guarded
 
 
 # llama-cli flags for what hotcold does not have: named as such, not mistaken for something else
@@ -215,7 +215,8 @@ def _check_stats_flags(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    try:
+
+    def run() -> None:
         _check_stats_flags(args)
         m = Model.load(args.model, **given(args, Options))
         conversation = args.conversation if args.conversation is not None else args.prompt is None
@@ -232,16 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.heatmap:
             m.save_expert_heatmap(args.heatmap)
             print(f"heatmap written to {args.heatmap}", file=sys.stderr)
-    except (ValueError, OSError, ImportError, RuntimeError) as e:   # bad files and options (GGUFError,
-        print(f"moe-run: error: {one_line(e)}", file=sys.stderr)       # ChatTemplateError...), missing files, busy
-        return 2
-    except MemoryError:
-        print("moe-run: error: out of memory; lower -c (--ctx-size) or give --ram-budget", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nmoe-run: interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return guarded("moe-run", run, "; lower -c (--ctx-size) or give --ram-budget")
 
 
 if __name__ == "__main__":
