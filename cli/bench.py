@@ -22,7 +22,7 @@ from hotcold.engine.api import Model
 from hotcold.engine.gguf_file import GGUFFile
 from hotcold.engine.options import Options
 
-from .flags import add_options, given, guarded
+from .flags import Parser, add_options, given, guarded
 
 
 def _ints(v: str) -> list[int]:
@@ -36,7 +36,7 @@ def _ints(v: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-bench", allow_abbrev=False, description=__doc__.splitlines()[0])
+    p = Parser(prog="moe-bench", description=__doc__.splitlines()[0])
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="GGUF file; or -m")
     p.add_argument("-m", "--model", dest="model", default=None, help="GGUF file, as llama-bench's -m")
     p.add_argument("-p", "--n-prompt", type=_ints, default=[512], help="prompt lengths (default 512)")

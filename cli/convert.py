@@ -10,13 +10,13 @@ import time
 from hotcold.convert import convert
 from hotcold.convert.types_plan import OUTPUT_TYPES
 
-from .flags import one_line
+from .flags import Parser, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
     names = ", ".join(t.name.lower() for t in OUTPUT_TYPES)
-    p = argparse.ArgumentParser(
-        allow_abbrev=False, prog="moe-convert",
+    p = Parser(
+        prog="moe-convert",
         description="Convert a Hugging Face MoE checkpoint to a GGUF that llama.cpp loads, plus low-bit expert "
                     "copies (OUT.cold.gguf) for hotcold's cache misses.")
     p.add_argument("model_dir", help="folder with config.json, *.safetensors and the tokenizer")

@@ -6,7 +6,17 @@ import argparse
 import enum
 import sys
 from dataclasses import MISSING, fields
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviations (-s is never a prefix of -sys), whose errors are one line (exit 2)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(allow_abbrev=False, **kw)
+
+    def error(self, message: str) -> "NoReturn":
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:

@@ -16,11 +16,11 @@ import numpy as np
 from hotcold.engine.api import Model
 from hotcold.engine.options import Options
 
-from .flags import add_options, given, guarded
+from .flags import Parser, add_options, given, guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-perplexity", allow_abbrev=False, description=__doc__.splitlines()[0])
+    p = Parser(prog="moe-perplexity", description=__doc__.splitlines()[0])
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="GGUF file; or -m")
     p.add_argument("-m", "--model", dest="model", default=None, help="GGUF file, as llama-perplexity's -m")
     p.add_argument("-f", "--file", required=True, help="the text to score")
@@ -38,10 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         with open(args.file, encoding="utf-8", errors="replace") as fh:
             text = fh.read()
-        m = Model.load(args.model or args.model_pos, **{**opts, "n_ctx": opts.get("n_ctx", 512)})
-        n_ctx = m.n_ctx
-        if "n_ctx" not in opts and n_ctx > m.n_ctx_train:   # chunks no longer than the model learnt
-            n_ctx = m.n_ctx_train
+        m = Model.load(args.model or args.model_pos, **opts)
+        n_ctx = m.n_ctx if opts.get("n_ctx") else min(512, m.n_ctx)   # llama-perplexity's 512, or what was learnt
         n_tokens = len(m.tokenize(text, add_bos=False))
         if n_tokens < n_ctx:
             raise ValueError(f"{args.file} has {n_tokens} tokens; perplexity needs at least n_ctx={n_ctx} (lower -c)")

@@ -16,11 +16,13 @@ from tqdm import tqdm
 from hotcold.convert.safetensors_reader import CheckpointError, SafetensorsFile
 from hotcold.quant import QuantError, block_size, dequantize, quantize, resolve, row_bytes
 
+from .flags import Parser
+
 DEFAULT_TYPES = "F16,Q8_0,Q6_K,Q5_K,Q4_K,Q4_0,IQ4_NL,Q3_K,Q2_K"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="moe-quant-report", description=__doc__.splitlines()[0])
+    p = Parser(prog="moe-quant-report", description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path, help="Hugging Face model folder with *.safetensors")
     p.add_argument("--types", default=DEFAULT_TYPES, help=f"comma-separated GGML types (default {DEFAULT_TYPES})")
     args = p.parse_args(argv)

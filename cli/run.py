@@ -12,7 +12,7 @@ from hotcold.engine.api import Model
 from hotcold.engine.options import Options
 from hotcold.engine.sampling import SamplingParams
 
-from .flags import add_options, given, guarded
+from .flags import Parser, add_options, given, guarded
 
 
 # llama-cli flags for what hotcold does not have: named as such, not mistaken for something else
@@ -29,7 +29,7 @@ UNSUPPORTED = ("-fa", "--flash-attn", "--mlock", "--no-mmap", "-ngld", "--n-gpu-
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-run", allow_abbrev=False, description="Run a GGUF MoE model: `-p PROMPT` "
+    p = Parser(prog="moe-run", description="Run a GGUF MoE model: `-p PROMPT` "
                                 "for a one-shot completion, no -p (or -cnv) for an interactive chat (the model's "
                                 "chat template). Flags are llama-cli's where hotcold has the feature.")
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="GGUF file (from moe-convert or llama.cpp); or -m")

@@ -70,6 +70,7 @@ def _ram_defaults(path: Path, options: dict[str, Any]) -> dict[str, Any]:
 
 
 log = logging.getLogger("hotcold")
+DEFAULT_CTX = 4096  # the context when none is given: the model's training context, up to this (llama-cli's default)
 
 
 class ModelBusyError(RuntimeError):
@@ -106,11 +107,12 @@ class Model:
         self.metadata: dict[str, Any] = self.file.metadata
         self.gpu = None
         self.model = Transformer.load(self.file, self._backend(opt))
-        if opt.n_ctx > self.model.cfg.n_ctx_train:   # llama.cpp's llama_context warns the same
+        n_ctx = opt.n_ctx or min(self.model.cfg.n_ctx_train, DEFAULT_CTX)   # llama.cpp's -c 0: the model's
+        if n_ctx > self.model.cfg.n_ctx_train:   # llama.cpp's llama_context warns the same
             log.warning("n_ctx=%d is more than the %d tokens %s was trained on: expect worse text past that",
-                        opt.n_ctx, self.model.cfg.n_ctx_train, self.path.name)
+                        n_ctx, self.model.cfg.n_ctx_train, self.path.name)
         # the context's KV cache and buffers come before the arena: on a GPU the arena takes what they leave
-        self.ctx: Context = self.model.context(opt.n_ctx, opt.n_batch, type_k=opt.type_k, type_v=opt.type_v,
+        self.ctx: Context = self.model.context(n_ctx, opt.n_batch, type_k=opt.type_k, type_v=opt.type_v,
                                                memory_limit=self._ram_bytes(opt))
         self.cache: ExpertCache | None = self._expert_cache(opt) if opt.residency else None
         if self.cache is not None:
@@ -403,14 +405,15 @@ class Model:
         return self._check_logits(self._forward(ids, all_logits=True))
 
     def perplexity(self, text: str | Sequence[int], n_ctx: int | None = None) -> float:
-        """llama.cpp `perplexity`'s measure: text (or its token ids) cut into chunks of n_ctx tokens, each
-        starting with BOS; the second half of each chunk is scored (its first half is context)."""
+        """llama.cpp `perplexity`'s measure: text (or its token ids) cut into chunks of n_ctx tokens (default: the
+        context, at most the training context), each starting with BOS; the second half of each chunk is scored
+        (its first half is context)."""
         nll = np.concatenate(list(self.perplexity_chunks(text, n_ctx)))
         return float(np.exp(nll.mean()))
 
     def perplexity_chunks(self, text: str | Sequence[int], n_ctx: int | None = None) -> Iterator[np.ndarray]:
         """For each chunk of `perplexity`, the negative log-likelihoods (float64) of its scored tokens."""
-        n = min(n_ctx or self.n_ctx, self.n_ctx)
+        n = min(n_ctx or min(self.n_ctx, self.n_ctx_train), self.n_ctx)
         ids = self.tokenize(text, add_bos=False) if isinstance(text, str) else list(text)
         if n < 2 or len(ids) < n:
             raise ValueError(f"perplexity needs at least n_ctx={n} tokens of text (and n_ctx >= 2), got {len(ids)}")

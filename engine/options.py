@@ -64,8 +64,9 @@ RESIDENCY = "expert residency (see README)"
 
 @dataclass(frozen=True)
 class Options:
-    n_ctx: int = option(2048, "-c", "--ctx-size", help="context size in tokens", parse=_number(int, "n_ctx", 1),
-                        cli=int)
+    n_ctx: int | None = option(None, "-c", "--ctx-size", help="context size in tokens (default, or 0: the model's "
+                               "training context, at most 4096)", parse=_number(int, "n_ctx", 0, allow_none=True),
+                               cli=int)
     n_batch: int = option(512, "-b", "--batch-size", help="prompt tokens per forward batch",
                           parse=_number(int, "n_batch", 1), cli=int)
     n_threads: int | None = option(None, "-t", "--threads", help="threads (default: all cores; more than the cores "

@@ -79,7 +79,7 @@ def test_eval_and_reset_as_llama_cpp_python(model: Model) -> None:
     model.reset()
     model.eval(ids)
     model.eval([5])
-    assert model.ctx.tokens == ids + [5] and model.n_ctx_train == 2048
+    assert model.ctx.tokens == ids + [5] and model.n_ctx_train == 256
     model.reset()
     assert model.ctx.n_past == 0
     with pytest.raises(ValueError, match="do not fit"):

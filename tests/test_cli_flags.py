@@ -50,7 +50,8 @@ def test_llama_cli_names_parse_to_their_meanings(tmp_path: Path) -> None:
 def test_bad_flags_are_one_line_and_exit_2(argv: list[str], words: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
         parse(argv)
-    assert e.value.code == 2 and words in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_n_predict_0_is_none_and_m_is_the_positional(trained_q8: Path) -> None:

@@ -38,7 +38,7 @@ def test_perplexity_lines_and_numbers(trained_q8: Path, tmp_path: Path) -> None:
 def test_bad_input_is_one_line(trained_q8: Path, tmp_path: Path) -> None:
     for args, words in (((str(trained_q8), "-f", str(tmp_path / "none.txt")), "No such file"),
                         ((str(trained_q8), "-f", str(REPO / "models" / "mixtral-trained" / "training.json"),
-                          "-c", "512"), "at least n_ctx=512")):
+                          "-c", "256"), "at least n_ctx=256")):
         r = _run(*args)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -392,7 +392,10 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path: Path, size: str) -> 
 def test_a_context_past_the_trained_one_warns(trained_q8: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="hotcold"):
         m = Model.load(trained_q8, n_ctx=4096)
-    assert m.n_ctx == 4096 and "trained on" in caplog.text and "2048" in caplog.text
+    assert m.n_ctx == 4096 and "trained on" in caplog.text and "256" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hotcold"):
+        assert Model.load(trained_q8).n_ctx == 256 and not caplog.text   # by default the trained context
 
 
 def test_f32_arrays_are_not_lists(base: GGUFFile) -> None:
