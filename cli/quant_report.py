@@ -5,7 +5,6 @@ to stdout, progress to stderr.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
