@@ -295,7 +295,7 @@ def test_template_errors_and_limits() -> None:
 # --- options, threads ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw", [dict(eras_alpha=math.nan), dict(eras_alpha=math.inf), dict(miss_t1=math.nan),
-                                dict(prefetch=-1), dict(n_ctx=0)])
+                                dict(prefetch=-1), dict(n_ctx=-1)])
 def test_bad_options_are_value_errors(kw: dict) -> None:
     with pytest.raises(ValueError):
         Options.parse(**kw)

@@ -54,5 +54,5 @@ def test_unknown_or_bad_options_are_clear_errors() -> None:
         Options.parse(expert_budjet="25%")
     with pytest.raises(ValueError, match="eras_alpha=nan"):
         Options.parse(eras_alpha=float("nan"))
-    with pytest.raises(ValueError, match="n_ctx=0 must be >= 1"):
-        Options.parse(n_ctx=0)
+    with pytest.raises(ValueError, match="n_ctx=-1 must be >= 0"):   # 0 is llama.cpp's "the model's context"
+        Options.parse(n_ctx=-1)
