@@ -50,31 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _hotcold(m: Model) -> dict[str, Callable[[list[int]], None]]:
+def _tests(reset: Callable[[], None], eval: Callable[[list[int]], None]) -> dict[str, Callable[[list[int]], None]]:
+    """llama-bench's two tests over an engine's reset and eval: ppN all at once, tgN one token at a time."""
     def pp(ids: list[int]) -> None:
-        m.reset()
-        m.eval(ids)
+        reset()
+        eval(ids)
 
     def tg(ids: list[int]) -> None:
-        m.reset()
+        reset()
         for t in ids:
-            m.eval([t])
+            eval([t])
     return {"pp": pp, "tg": tg}
 
 
 def _llama(path: Path, n_ctx: int, threads: int) -> tuple[Any, dict[str, Callable[[list[int]], None]]]:
     import llama_cpp
     llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_batch=512, verbose=False)
-
-    def pp(ids: list[int]) -> None:
-        llm.reset()
-        llm.eval(ids)
-
-    def tg(ids: list[int]) -> None:
-        llm.reset()
-        for t in ids:
-            llm.eval([t])
-    return llm, {"pp": pp, "tg": tg}
+    return llm, _tests(llm.reset, llm.eval)
 
 
 def _timed(fn: Callable[[list[int]], None], ids: list[int]) -> float:
@@ -110,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for t in threads:
             numba.set_num_threads(min(t, numba.config.NUMBA_NUM_THREADS))
-            engines = {"hotcold": _hotcold(m)}
+            engines = {"hotcold": _tests(m.reset, m.eval)}
             llm = None
             if args.vs_llama_cpp:
                 llm, engines["llama.cpp"] = _llama(path, n_ctx, t)

@@ -521,7 +521,7 @@ class Model:
             entries = trace
             if echo:
                 entries = self._prompt_logprobs(ids, int(logprobs)) + trace
-            lp = self._completion_logprobs(entries, len(prompt) if echo else 0, echo)
+            lp = self._completion_logprobs(entries, 0 if echo else len(prompt))
         out = chunk(prompt + text if echo else text, self.last_finish_reason, lp)
         n_prompt, n_gen = int(self.timings["prompt_tokens"]), int(self.timings["gen_tokens"])
         out["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
@@ -541,10 +541,10 @@ class Model:
         z = self.logits(ids)
         return [(ids[0], None, None)] + [_token_logprobs(z[i - 1], ids[i], n) for i in range(1, len(ids))]
 
-    def _completion_logprobs(self, entries: list, offset: int, echo: bool) -> dict[str, Any]:
-        """llama-cpp-python's logprobs object: tokens, text_offset, token_logprobs, top_logprobs."""
+    def _completion_logprobs(self, entries: list, pos: int) -> dict[str, Any]:
+        """llama-cpp-python's logprobs object: tokens, text_offset (into prompt + text: the first at `pos`),
+        token_logprobs, top_logprobs."""
         tokens, offsets, lps, tops = [], [], [], []
-        pos = 0 if echo else offset
         for t, lp, top in entries:
             piece = self._piece(t)
             tokens.append(piece)

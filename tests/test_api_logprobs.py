@@ -35,6 +35,7 @@ def test_logprobs_are_the_log_softmax_of_the_logits(model: Model) -> None:
         assert len(best) == 3 and best[0][0] == lp["tokens"][i]             # greedy: the best is the one taken
         assert best[0][1] == pytest.approx(ref[len(ids) - 1 + i].max(), abs=1e-5)
     assert "".join(lp["tokens"]) == r["choices"][0]["text"]
+    assert lp["text_offset"][0] == len(PROMPT)                          # offsets into prompt + text, as Llama's
 
 
 def test_echo_puts_the_prompt_first_with_its_logprobs(model: Model) -> None:
