@@ -32,6 +32,8 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def compare(path: Path, toks: list[int]) -> tuple[float, float, float]:
+    from hotcold.llama_amx import guard
+    guard()
     import llama_cpp
     llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
     llm.eval(toks)
@@ -45,6 +47,8 @@ def compare(path: Path, toks: list[int]) -> tuple[float, float, float]:
 
 
 def q4_k_m(src: Path, work: Path) -> Path:
+    from hotcold.llama_amx import guard
+    guard()
     import llama_cpp
     f32 = convert(src, work / "f32.gguf", type="f32", cold_type=None, progress=False).path
     params = llama_cpp.llama_model_quantize_default_params()

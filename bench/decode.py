@@ -52,6 +52,8 @@ if engine == "hotcold":
         t = m.timings
         out[p] = (t["prompt_tokens"] / t["prompt_s"], t["gen_tokens"] / t["gen_s"])
 else:
+    from hotcold.llama_amx import guard
+    guard()
     import llama_cpp
     llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     def run(ids, n):

@@ -71,6 +71,8 @@ if engine.startswith("hotcold"):
     seq = ids + [int(x) for x in m.ctx.tokens[len(ids):]]
     logits = m.logits(seq)[-n_decode:]
 else:
+    from hotcold.llama_amx import guard
+    guard()
     import llama_cpp
     base = llama_cpp.llama_cpp.llama_model_default_params
     def params():

@@ -72,6 +72,8 @@ def evaluate(path: Path, ids: list[int], n_ctx: int, **options: Any) -> dict[str
 def llama_cpp_ppl(path: Path, ids: list[int], n_ctx: int) -> float | None:
     """llama.cpp's perplexity by the same chunking (second half of each n_ctx chunk scored)."""
     try:
+        from hotcold.llama_amx import guard
+        guard()
         import llama_cpp
         import numpy as np
     except ImportError:

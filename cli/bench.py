@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="output format (default md)")
     p.add_argument("--vs-llama-cpp", action="store_true",
                    help="also run llama.cpp (llama-cpp-python) on the same file, alternating, and print the ratio")
-    add_options(p, Options, exclude=("n_threads",))   # -t is a list here, as llama-bench's
+    add_options(p, Options, exclude=("n_threads", "n_seq_max"))   # -t is a list here, as llama-bench's
     return p
 
 
@@ -64,6 +64,8 @@ def _tests(reset: Callable[[], None], eval: Callable[[list[int]], None]) -> dict
 
 
 def _llama(path: Path, n_ctx: int, threads: int) -> tuple[Any, dict[str, Callable[[list[int]], None]]]:
+    from hotcold.llama_amx import guard
+    guard()   # llama.cpp's AMX buffers fault on some VMs; refused, it runs as on a CPU without AMX
     import llama_cpp
     llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_batch=512, verbose=False)
     return llm, _tests(llm.reset, llm.eval)

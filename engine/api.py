@@ -28,6 +28,7 @@ from hotcold.quant import QType
 
 from .backend import Backend, CpuBackend, finite_extremes
 from .chat import ChatTemplate
+from .completion import Completion, token_logprobs
 from .context import Context
 from .experts.cache import ExpertCache
 from .experts.cold import cold_experts, open_cold
@@ -41,7 +42,7 @@ from .gguf_file import GGUFFile
 from .model import Transformer
 from .options import Device, Options
 from .sampling import Sampler, SamplingParams
-from .tokenizer import Detokenizer, Tokenizer
+from .tokenizer import Tokenizer
 
 
 def kernels_uncached() -> bool:
@@ -113,7 +114,7 @@ class Model:
                         n_ctx, self.model.cfg.n_ctx_train, self.path.name)
         # the context's KV cache and buffers come before the arena: on a GPU the arena takes what they leave
         self.ctx: Context = self.model.context(n_ctx, opt.n_batch, type_k=opt.type_k, type_v=opt.type_v,
-                                               memory_limit=self._ram_bytes(opt))
+                                               memory_limit=self._ram_bytes(opt), n_seq=opt.n_seq_max)
         self.cache: ExpertCache | None = self._expert_cache(opt) if opt.residency else None
         if self.cache is not None:
             self.ctx.experts = self.cache
@@ -189,7 +190,7 @@ class Model:
 
     def _backend(self, opt: Options) -> Backend:
         if opt.device != Device.CUDA:
-            return CpuBackend()
+            return CpuBackend(batch_invariant=opt.n_seq_max > 1)
         from .cuda.backend import CudaBackend  # numba.cuda is only needed on this path
         from .cuda.memory import Gpu
         self.gpu = Gpu(opt.vram_budget.nbytes if opt.vram_budget is not None else None)
@@ -446,45 +447,27 @@ class Model:
                                              seed=self.seed if seed is None else seed))
             for t in ids:
                 sampler.accept(t)
+            comp = Completion(self.tokenizer, sampler, len(ids), self.n_ctx, max_tokens, stops, ignore_eos,
+                              None if _logprobs is None else _logprobs[1])
+            if _logprobs is not None:
+                comp.logprobs = _logprobs[0]
             t0 = time.perf_counter()
             logits = self._check_logits(self._eval(ids)[-1])
             t1 = time.perf_counter()
-            detok = Detokenizer(self.tokenizer, special=False)  # control tokens are not text (llama-cpp-python)
-            text, emitted, n_gen = "", 0, 0
-            limit = max_tokens if max_tokens and max_tokens > 0 else self.n_ctx - len(ids)
-            finish, cut, runs, eval_s = "length", False, 0, 0.0
-            while n_gen < limit and self.ctx.n_past < self.n_ctx:
-                tok = sampler.sample(logits)
-                n_gen += 1
-                if self.tokenizer.is_eog(tok) and not ignore_eos:
-                    finish = "stop"
+            runs, eval_s = 0, 0.0
+            while True:
+                piece = comp.step(logits)
+                if piece:
+                    yield piece
+                if comp.finish is not None:
                     break
-                sampler.accept(tok)
-                if _logprobs is not None:
-                    _logprobs[0].append(_token_logprobs(logits, tok, _logprobs[1]))
-                text += detok.feed(tok)
-                hit = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stops) if i >= 0), default=-1)
-                if hit >= 0:  # a stop string: emit up to it, never the string itself
-                    if hit > emitted:
-                        yield text[emitted:hit]
-                    finish, cut = "stop", True
-                    break
-                safe = len(text) - max((_partial_suffix(text, s) for s in stops), default=0)
-                if safe > emitted:  # hold back what may be the start of a stop string
-                    yield text[emitted:safe]
-                    emitted = safe
-                if n_gen < limit:  # the last token needs no logits
-                    te = time.perf_counter()
-                    logits = self._check_logits(self._forward([tok])[-1])
-                    eval_s += time.perf_counter() - te
-                    runs += 1
-            if not cut:
-                text += detok.flush()
-                if len(text) > emitted:
-                    yield text[emitted:]
+                te = time.perf_counter()
+                logits = self._check_logits(self._forward([comp.token])[-1])
+                eval_s += time.perf_counter() - te
+                runs += 1
             t2 = time.perf_counter()
-            self.ctx.finish_reason = finish
-            self.ctx.timings = dict(prompt_tokens=len(ids), prompt_s=t1 - t0, gen_tokens=n_gen, gen_s=t2 - t1,
+            self.ctx.finish_reason = comp.finish
+            self.ctx.timings = dict(prompt_tokens=len(ids), prompt_s=t1 - t0, gen_tokens=comp.n_gen, gen_s=t2 - t1,
                                     eval_runs=runs, eval_s=eval_s)
 
     def __call__(self, prompt: str, **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
@@ -539,7 +522,7 @@ class Model:
     def _prompt_logprobs(self, ids: list[int], n: int) -> list:
         """(token, logprob, n best) of each prompt token given those before it; the first has none."""
         z = self.logits(ids)
-        return [(ids[0], None, None)] + [_token_logprobs(z[i - 1], ids[i], n) for i in range(1, len(ids))]
+        return [(ids[0], None, None)] + [token_logprobs(z[i - 1], ids[i], n) for i in range(1, len(ids))]
 
     def _completion_logprobs(self, entries: list, pos: int) -> dict[str, Any]:
         """llama-cpp-python's logprobs object: tokens, text_offset (into prompt + text: the first at `pos`),
@@ -591,23 +574,6 @@ class Model:
                              "logprobs": self._chat_logprobs(trace) if logprobs else None,
                              "finish_reason": self.last_finish_reason}],
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
-
-
-def _token_logprobs(logits: np.ndarray, tok: int, n: int) -> tuple[int, float, list[tuple[int, float]]]:
-    """(tok, its log-probability under softmax(logits), the n most likely (token, log-probability))."""
-    z = logits.astype(np.float64)
-    lsm = z - z.max()
-    lsm -= np.log(np.exp(lsm).sum())
-    best = np.argsort(-lsm, kind="stable")[:n]
-    return tok, float(lsm[tok]), [(int(t), float(lsm[t])) for t in best]
-
-
-def _partial_suffix(text: str, stop: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of stop (held back while streaming)."""
-    for n in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
 
 
 # help(Model) and IDEs show the options as keywords

@@ -117,6 +117,14 @@ class Backend(ABC):
     def attention(self, q: Any, kv: Any, layer: int, p0: int, out: Any, scratch: Any) -> None:
         """Causal GQA: q (T, n_head, d) at positions p0.. over a layer's cache filled to p0 + T; out (T, n_head * d)."""
 
+    def attention_seqs(self, q: Any, kv: Any, slot_kv: Sequence[Any], layer: int, segs: Sequence[tuple[int, int, int, int]],
+                       c0: np.ndarray, span: np.ndarray, out: Any, scratch: Any) -> None:
+        """`attention` for a batch of several sequences: segment (row0, row1, seq, p0) attends over its own slot
+        (slot_kv[seq]); c0, span (T,) give each row's first cell in kv and its cell count, for backends that
+        take all rows in one call."""
+        for r0, r1, seq, p0 in segs:
+            self.attention(q[r0:r1], slot_kv[seq], layer, p0, out[r0:r1], scratch)
+
     @abstractmethod
     def add(self, x: Any, y: Any) -> None:
         """x += y (the residual)."""
@@ -194,13 +202,17 @@ SMALL_ROWS = 256  # F32 matrices with at most this many rows take the serial ker
 
 
 class CpuBackend(Backend):
-    """Host memory and the CPU kernels; results are identical whatever the batch composition or thread count
-    (hotcold.quant's GEMV sums in a fixed order)."""
+    """Host memory and the CPU kernels; results are identical whatever the thread count (hotcold.quant's GEMV
+    sums in a fixed order) and, for the integer products (int8.KERNELS), whatever the batch. The float products
+    (F16, F32, BF16 and the types without an integer kernel) sum one row differently from several; with
+    `batch_invariant` one row takes the several-row kernel too, so a row's result never depends on the batch
+    (the batch engine's promise, at some decode speed for those types)."""
 
     host_memory = True
 
-    def __init__(self) -> None:
+    def __init__(self, batch_invariant: bool = False) -> None:
         self.host = self
+        self.batch_invariant = batch_invariant
 
     def empty(self, shape: tuple[int, ...] | int, dtype: Any = np.float32, what: str = "activations") -> np.ndarray:
         return np.zeros(shape, dtype=dtype)   # calloc: pages are touched only when used
@@ -243,7 +255,7 @@ class CpuBackend(Backend):
             x = x.x
         if w.qtype == QType.F32 and w.rows <= SMALL_ROWS:
             kernels.small_matmul(x, w.kernel_view, out)                     # routers, shared-expert gates
-        elif x.shape[0] == 1:
+        elif x.shape[0] == 1 and not self.batch_invariant:
             MATVEC[w.qtype](w.kernel_view, x[0], out[0])
         elif x.shape[0]:
             MATMUL[w.qtype](w.kernel_view, x, out)
@@ -273,6 +285,16 @@ class CpuBackend(Backend):
             raise ValueError("the CPU attention needs K and V of one cache type (type_k == type_v)")
         (kernels.attention_f16 if k.dtype == np.uint16 else kernels.attention)(q, k, v, p0, out, scratch)
 
+    def attention_seqs(self, q: np.ndarray, kv: Any, slot_kv: Sequence[Any], layer: int,
+                       segs: Sequence[tuple[int, int, int, int]], c0: np.ndarray, span: np.ndarray, out: np.ndarray,
+                       scratch: np.ndarray) -> None:
+        k, v = kv.k[layer], kv.v[layer]
+        if k.dtype != v.dtype:
+            raise ValueError("the CPU attention needs K and V of one cache type (type_k == type_v)")
+        T = q.shape[0]
+        (kernels.attention_rows_f16 if k.dtype == np.uint16 else kernels.attention_rows)(q, k, v, c0[:T], span[:T],
+                                                                                         out, scratch)
+
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         np.add(x, y, out=x)
 
@@ -284,10 +306,11 @@ class CpuBackend(Backend):
 
     def glu(self, e: Expert, x: Any, scratch: "FFNScratch", out: np.ndarray, act: Activation) -> None:
         t = e.gate.qtype
-        if act is Activation.SILU and isinstance(x, int8.Acts) and x.rows == 1 and e.up.qtype == t and t in int8.GLU:
-            g, u = scratch.ff(1, e.gate.rows)
-            int8.swiglu_product(e.gate.kernel_view, e.up.kernel_view, t, x, g, u)   # (1, n_ff) in one pass
-            self.matmul(e.down, self.acts(g, scratch.g_acts), out)             # (1, n_embd)
+        if act is Activation.SILU and isinstance(x, int8.Acts) and x.rows <= int8.FEW and e.up.qtype == t \
+                and t in int8.GLU:
+            g, u = scratch.ff(x.rows, e.gate.rows)
+            int8.swiglu_product(e.gate.kernel_view, e.up.kernel_view, t, x, g, u)   # (n, n_ff) in one pass
+            self.matmul(e.down, self.acts(g, scratch.g_acts), out)             # (n, n_embd)
             return
         super().glu(e, x, scratch, out, act)
 

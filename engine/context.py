@@ -39,6 +39,15 @@ def new_kv_cache(cfg: ModelConfig, n_ctx: int, be: "Backend", type_k: CacheType,
     raise NotImplementedError(cfg.spec.attention)
 
 
+def slot_views(kv: KVCache, n_seq: int, n_ctx: int) -> list[KVCache]:
+    """Each sequence slot's n_ctx cells of a cache of n_seq * n_ctx (llama.cpp's n_seq_max with a cache split
+    per sequence): views, so a slot's attention is the one-sequence kernel over its own cells."""
+    if n_seq == 1:
+        return [kv]
+    return [KVCache(kv.k[:, i * n_ctx:(i + 1) * n_ctx], kv.v[:, i * n_ctx:(i + 1) * n_ctx], kv.type_k, kv.type_v)
+            for i in range(n_seq)]
+
+
 def rope_tables(cfg: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin (n_ctx, rope_dim / 2) of theta_i = base^(-2i/d) * freq_scale per position
     (ggml_rope_ext with ext_factor 0), computed in float64 a chunk of positions at a time and stored as float32."""
@@ -104,6 +113,9 @@ class RunState:
         self.router = be.empty((N, E))                     # router logits
         self.shg = be.empty((N, 1))                        # shared-expert gate logits
         self.pos = be.empty(N, np.int64)                   # positions of the batch's tokens
+        self.pos_host = np.zeros(N, np.int64)              # ... as a batch of several sequences builds them
+        self.cell0 = np.zeros(N, np.int64)                 # ... and each row's first cache cell (its slot's)
+        self.span = np.zeros(N, np.int64)                  # ... and the cells it attends over
         self.logits = be.empty((logit_rows, cfg.n_vocab))  # the head's output, logit_rows at a time
         self.ffn = FFNScratch(be, N, cfg.n_embd, n_ff)
         self.h_acts = be.new_acts(N, cfg.n_embd)            # h as the input of q/k/v, experts, the head
@@ -132,36 +144,42 @@ class RunState:
 
 class Context:
     """Sequences' state over `model`: KV cache, positions, buffers, and the expert store in use
-    (`experts`, the file's own unless set; contexts may share one)."""
+    (`experts`, the file's own unless set; contexts may share one). It holds `n_seq` sequences of up to n_ctx
+    tokens each, in slots of the KV cache; `tokens`, `n_past` and `seek` are sequence 0's (Model's one)."""
 
     def __init__(self, model: "Transformer", n_ctx: int, n_batch: int = 512, experts: ExpertStore | None = None,
                  type_k: CacheType = CacheType.F16, type_v: CacheType = CacheType.F16,
-                 memory_limit: int | None = None) -> None:
+                 memory_limit: int | None = None, n_seq: int = 1) -> None:
         """`memory_limit`: host bytes the context may take (a RAM budget); by default the machine's available
         memory. Either is checked before anything is allocated."""
         if n_ctx <= 0:
             raise ValueError(f"n_ctx={n_ctx} must be positive")
         if n_batch <= 0:
             raise ValueError(f"n_batch={n_batch} must be positive")
+        if not 1 <= n_seq <= 256:
+            raise ValueError(f"n_seq_max={n_seq}: the sequences a context holds must be 1..256 (-np, --parallel)")
         be, cfg = model.backend, model.cfg
-        n_batch = min(n_batch, n_ctx)                       # llama.cpp: a batch never exceeds the context
+        n_batch = min(n_batch, n_ctx * n_seq)               # llama.cpp: a batch never exceeds the context
         if be.host_memory:
-            need = context_bytes(cfg, n_ctx, type_k, type_v, numba.config.NUMBA_NUM_THREADS)
+            need = context_bytes(cfg, n_ctx * n_seq, type_k, type_v, numba.config.NUMBA_NUM_THREADS)
             have = memory_limit if memory_limit is not None else available_memory()
             if have and need > have:
                 where = "the RAM budget" if memory_limit is not None else "the memory available"
                 raise ValueError(f"n_ctx={n_ctx}: the KV cache and rope tables would take {need / 2**30:.2f} GiB, "
                                  f"more than the {have / 2**30:.2f} GiB of {where}; lower -c (--ctx-size)")
         self.model, self.cfg = model, cfg
-        self.n_ctx, self.n_batch = n_ctx, n_batch
-        self.kv = new_kv_cache(cfg, n_ctx, be, type_k, type_v)
+        self.n_ctx, self.n_batch, self.n_seq = n_ctx, n_batch, n_seq
+        self.kv = new_kv_cache(cfg, n_ctx * n_seq, be, type_k, type_v)
+        self.slot_kv = slot_views(self.kv, n_seq, n_ctx)     # sequence s's cells
         cos, sin = rope_tables(cfg, n_ctx)
         self.rope_cos, self.rope_sin = be.place_array(cos, "rope tables"), be.place_array(sin, "rope tables")
-        self.pos = np.arange(n_ctx, dtype=np.int64)         # position of each cache cell
-        self.seq = np.zeros(n_ctx, dtype=np.int32)          # sequence id of each cache cell (one sequence: 0)
+        self.pos = np.arange(n_ctx, dtype=np.int64)         # position of each cell of a slot
+        self.seq = np.repeat(np.arange(n_seq, dtype=np.int32), n_ctx)   # sequence id of each cache cell
         self.state = RunState(be, cfg, n_batch, n_ctx, model.n_ff, model.logit_rows(n_batch))
+        self.seq_logits = np.zeros((n_seq, cfg.n_vocab), np.float32)   # forward_batch's logits, a row a sequence
         self.experts: ExpertStore = experts if experts is not None else model.experts
-        self.tokens: list[int] = []                         # the tokens the cache holds, in order
+        self.slots: list[list[int]] = [[] for _ in range(n_seq)]   # the tokens each sequence's cells hold
+        self.tokens: list[int] = self.slots[0]              # sequence 0's, in order
         self.timings: dict[str, float] = {}                 # of the last generation (the API's)
         self.finish_reason: str | None = None
         self.forward_s = 0.0                                # wall seconds in forward passes, all of them
@@ -171,11 +189,12 @@ class Context:
         """Cache cells filled."""
         return len(self.tokens)
 
-    def seek(self, n: int) -> None:
-        """Keep the first n cached tokens and forget the rest; 0 starts a new sequence."""
-        if not 0 <= n <= self.n_past:
-            raise ValueError(f"cannot keep {n} tokens of a context holding {self.n_past}")
-        del self.tokens[n:]
+    def seek(self, n: int, seq: int = 0) -> None:
+        """Keep the first n cached tokens of sequence `seq` and forget the rest; 0 starts a new sequence."""
+        toks = self.slots[seq]
+        if not 0 <= n <= len(toks):
+            raise ValueError(f"cannot keep {n} tokens of a context holding {len(toks)}")
+        del toks[n:]
         if n == 0:
             self.experts.new_sequence()
 

@@ -68,35 +68,52 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.ndarra
             cvt: Callable, rnd: Callable) -> None:
     """Causal GQA for every (token, head) task; cvt reads a cache element as float32, rnd rounds an operand
     as ggml converts it for the cache's type (identity for F32)."""
-    T, nh, d = q.shape
-    g = nh // k.shape[1]
-    scale = F32(1.0 / math.sqrt(d))
-    n_ctx = k.shape[0]
+    T, nh = q.shape[0], q.shape[1]
     for task in prange(T * nh):
         t, h = task // nh, task % nh
-        kv = h // g
-        n = p0 + t + 1
-        row = scratch[get_thread_id()]
-        s, qr = row[:n], row[n_ctx:n_ctx + d]
+        _attend_task(q, k, v, t, h, 0, p0 + t + 1, out, scratch, cvt, rnd)
+
+
+@njit(cache=True, inline="always")
+def _attend_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, c0: np.ndarray, span: np.ndarray, out: np.ndarray,
+                 scratch: np.ndarray, cvt: Callable, rnd: Callable) -> None:
+    """_attend for rows of several sequences: row t over the cells c0[t] .. c0[t] + span[t] - 1 (its sequence's)."""
+    T, nh = q.shape[0], q.shape[1]
+    for task in prange(T * nh):
+        t, h = task // nh, task % nh
+        _attend_task(q, k, v, t, h, c0[t], span[t], out, scratch, cvt, rnd)
+
+
+@njit(cache=True, inline="always")
+def _attend_task(q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, h: int, c: int, n: int, out: np.ndarray,
+                 scratch: np.ndarray, cvt: Callable, rnd: Callable) -> None:
+    """One (token, head): query row t, head h, over cache cells c .. c + n - 1."""
+    nh, d = q.shape[1], q.shape[2]
+    g = nh // k.shape[1]
+    scale = F32(1.0 / math.sqrt(d))
+    n_ctx = scratch.shape[1] - d
+    kv = h // g
+    row = scratch[get_thread_id()]
+    s, qr = row[:n], row[n_ctx:n_ctx + d]
+    for i in range(d):
+        qr[i] = rnd(q[t, h, i])
+    m = F32(-np.inf)
+    for j in range(n):
+        acc = F32(0)
         for i in range(d):
-            qr[i] = rnd(q[t, h, i])
-        m = F32(-np.inf)
-        for j in range(n):
-            acc = F32(0)
-            for i in range(d):
-                acc += qr[i] * cvt(k[j, kv, i])
-            s[j] = acc * scale
-            m = max(m, s[j])
-        inv = _exp_normalizer(s, m)
-        o = _stack(MAX_HEAD_DIM, F32)
+            acc += qr[i] * cvt(k[c + j, kv, i])
+        s[j] = acc * scale
+        m = max(m, s[j])
+    inv = _exp_normalizer(s, m)
+    o = _stack(MAX_HEAD_DIM, F32)
+    for i in range(d):
+        o[i] = 0
+    for j in range(n):
+        pj = rnd(s[j] * inv)
         for i in range(d):
-            o[i] = 0
-        for j in range(n):
-            pj = rnd(s[j] * inv)
-            for i in range(d):
-                o[i] += pj * cvt(v[j, kv, i])
-        for i in range(d):
-            out[t, h * d + i] = o[i]
+            o[i] += pj * cvt(v[c + j, kv, i])
+    for i in range(d):
+        out[t, h * d + i] = o[i]
 
 
 @njit(cache=True, inline="always")
@@ -128,6 +145,21 @@ def attention_f16(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.
     to fp16 before q.k (ggml converts it to the cache's vec_dot type), the probabilities rounded to fp16
     before they weight V."""
     _attend(q, k, v, p0, out, scratch, _f16_bits_to_f32, _round_f16)
+
+
+@njit(cache=True, parallel=True, fastmath=_ATT_MATH)
+def attention_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, c0: np.ndarray, span: np.ndarray, out: np.ndarray,
+                   scratch: np.ndarray) -> None:
+    """`attention` for rows of several sequences in one cache (n_seq * n_ctx cells): row t over its span[t]
+    cells from c0[t], each (token, head) computed exactly as the one-sequence kernel computes it."""
+    _attend_rows(q, k, v, c0, span, out, scratch, _f32, _f32)
+
+
+@njit(cache=True, parallel=True, fastmath=_ATT_MATH)
+def attention_rows_f16(q: np.ndarray, k: np.ndarray, v: np.ndarray, c0: np.ndarray, span: np.ndarray,
+                       out: np.ndarray, scratch: np.ndarray) -> None:
+    """attention_rows over an F16 cache, with attention_f16's roundings."""
+    _attend_rows(q, k, v, c0, span, out, scratch, _f16_bits_to_f32, _round_f16)
 
 
 @njit(cache=True, inline="always")

@@ -110,9 +110,10 @@ class Transformer:
 
     def context(self, n_ctx: int, n_batch: int = 512, experts: ExpertStore | None = None,
                 type_k: CacheType = CacheType.F16, type_v: CacheType = CacheType.F16,
-                memory_limit: int | None = None) -> Context:
-        """A new context (KV cache and buffers, on this model's backend; see Context for memory_limit)."""
-        return Context(self, n_ctx, n_batch, experts, type_k, type_v, memory_limit)
+                memory_limit: int | None = None, n_seq: int = 1) -> Context:
+        """A new context (KV cache and buffers, on this model's backend; see Context for memory_limit), holding
+        n_seq sequences of up to n_ctx tokens each."""
+        return Context(self, n_ctx, n_batch, experts, type_k, type_v, memory_limit, n_seq)
 
     def logit_rows(self, n_batch: int) -> int:
         """Rows of the head's output buffer: 1 on the host (all-logits passes write to their result
@@ -151,7 +152,73 @@ class Transformer:
         ctx.forward_s += time.perf_counter() - t0
         return logits
 
-    def _attention(self, b: Block, il: int, h: Any, pos: Any, p0: int, ctx: Context, out: Any) -> None:
+    def forward_batch(self, batch: Sequence[tuple[int, Sequence[int] | np.ndarray]], ctx: Context) -> np.ndarray:
+        """Append each entry's tokens to its sequence, all in one forward pass (continuous batching: one
+        sequence's decode step beside another's prompt chunk); logits (len(batch), n_vocab) of each entry's
+        last token, the context's buffer, valid until its next forward. Each row's arithmetic is the same as
+        the sequence's alone would be (the kernels' results do not depend on the batch), and the MoE step sees
+        every sequence's tokens, so an expert is read once for all of them."""
+        t0 = time.perf_counter()
+        cfg, be, s = self.cfg, self.backend, ctx.state
+        if not 0 < len(batch) <= ctx.n_seq:
+            raise ValueError(f"a batch of {len(batch)} sequences for a context of n_seq_max={ctx.n_seq} "
+                             "(one entry per sequence)")
+        parts = [(int(seq), np.asarray(t, dtype=np.int64)) for seq, t in batch]
+        segs, r = [], 0                                                           # (row0, row1, seq, p0)
+        for seq, t in parts:
+            if not 0 <= seq < ctx.n_seq or any(q == seq for _, _, q, _ in segs):
+                raise ValueError(f"sequence {seq} twice or out of 0..{ctx.n_seq - 1} in one batch")
+            n, p0 = t.shape[0], len(ctx.slots[seq])
+            if n == 0 or p0 + n > ctx.n_ctx:
+                raise ValueError(f"sequence {seq}: {n} tokens at {p0} in a context of n_ctx={ctx.n_ctx} per sequence")
+            segs.append((r, r + n, seq, p0))
+            r += n
+        T = r
+        if T > ctx.n_batch:
+            raise ValueError(f"{T} tokens in one forward_batch(); a context of n_batch={ctx.n_batch} takes 1..{ctx.n_batch}")
+        ids = np.concatenate([t for _, t in parts])
+        for r0, r1, seq, p0 in segs:
+            s.pos_host[r0:r1] = ctx.pos[p0:p0 + r1 - r0]
+            s.cell0[r0:r1] = seq * ctx.n_ctx
+            s.span[r0:r1] = ctx.pos[p0:p0 + r1 - r0]
+            s.span[r0:r1] += 1                                                    # causal: itself and before
+        x, h, a = s.x[:T], s.h[:T], s.a[:T]
+        pos = be.upload(s.pos_host[:T], s.pos[:T])                               # (T,) each row's position
+        be.embed(self.token_embd, ids, s.x_host[:T], x)                          # (T, n_embd)
+        for il, b in enumerate(self.blocks):
+            be.rms_norm(x, b.attn_norm, cfg.rms_eps, h)                           # pre-attention norm
+            self._attention(b, il, h, pos, 0, ctx, a, segs)                      # (T, n_embd) each over its own
+            be.add(x, a)                                                         # residual
+            be.rms_norm(x, b.ffn_norm, cfg.rms_eps, h)                           # pre-FFN norm
+            self._ffn(b, il, h, ctx, a)                                          # (T, n_embd) experts grouped
+            be.add(x, a)                                                         # residual
+        if not be.all_finite(x, s.finite):
+            raise ValueError("NaN or infinite activations in a batch: the model's weights are corrupt "
+                             "(or overflow in this precision)")
+        for (seq, t), (r0, r1, _, _) in zip(parts, segs):
+            ctx.slots[seq].extend(t.tolist())
+        logits = self._last_logits(x, [r1 - 1 for _, r1, _, _ in segs], ctx)
+        ctx.forward_s += time.perf_counter() - t0
+        return logits
+
+    def _last_logits(self, x: Any, rows: Sequence[int], ctx: Context) -> np.ndarray:
+        """The final norm and the head for the given rows of x: (len(rows), n_vocab) in ctx.seq_logits."""
+        cfg, be, s = self.cfg, self.backend, ctx.state
+        m = len(rows)
+        out = ctx.seq_logits[:m]
+        step = m if be.host_memory else s.logits.shape[0]                        # on a device, in chunks
+        for i in range(0, m, step):
+            c = min(step, m - i)
+            for j in range(c):                                                   # gather the rows, normed
+                r = rows[i + j]
+                be.rms_norm(x[r:r + 1], self.output_norm, cfg.rms_eps, s.h[j:j + 1])
+            head = out[i:i + c] if be.host_memory else s.logits[:c]
+            be.matmul(self.output, be.acts(s.h[:c], s.h_acts), head)             # (c, n_vocab)
+            be.download(head, out[i:i + c])
+        return out
+
+    def _attention(self, b: Block, il: int, h: Any, pos: Any, p0: int, ctx: Context, out: Any,
+                   segs: Sequence[tuple[int, int, int, int]] | None = None) -> None:
         cfg, be, s = self.cfg, self.backend, ctx.state
         T, hd, nh, nkv = h.shape[0], cfg.head_dim, cfg.n_head, cfg.n_head_kv
         q, k, v = s.q[:T], s.k[:T], s.v[:T]
@@ -173,8 +240,13 @@ class Transformer:
         neox = cfg.spec.rope == RopeStyle.NEOX
         be.rope(q3, pos, ctx.rope_cos, ctx.rope_sin, neox)                       # (T, nh, hd) in place
         be.rope(k3, pos, ctx.rope_cos, ctx.rope_sin, neox)                       # (T, nkv, hd) in place
-        be.store_kv(ctx.kv, il, p0, k, v)                                        # append to the cache
-        be.attention(q3, ctx.kv, il, p0, s.o[:T], s.att)                         # (T, nh*hd) causal softmax(qK^T)V
+        if segs is None:                                                         # one sequence: slot 0
+            be.store_kv(ctx.slot_kv[0], il, p0, k, v)                            # append to the cache
+            be.attention(q3, ctx.slot_kv[0], il, p0, s.o[:T], s.att)             # (T, nh*hd) causal softmax(qK^T)V
+        else:                                                                    # each sequence in its own cells
+            for r0, r1, seq, q0 in segs:
+                be.store_kv(ctx.slot_kv[seq], il, q0, k[r0:r1], v[r0:r1])
+            be.attention_seqs(q3, ctx.kv, ctx.slot_kv, il, segs, s.cell0, s.span, s.o[:T], s.att)   # (T, nh*hd)
         be.matmul(b.attn_output, be.acts(s.o[:T], s.o_acts), out)                # (T, n_embd)
 
     def _ffn(self, b: Block, il: int, h: Any, ctx: Context, out: Any) -> None:

@@ -69,6 +69,9 @@ class Options:
                                cli=int)
     n_batch: int = option(512, "-b", "--batch-size", help="prompt tokens per forward batch",
                           parse=_number(int, "n_batch", 1), cli=int)
+    n_seq_max: int = option(1, "-np", "--parallel", help="sequences decoded together (moe-server's slots), each "
+                            "with a context of its own of n_ctx tokens", parse=_number(int, "n_seq_max", 1), cli=int,
+                            group="server")
     n_threads: int | None = option(None, "-t", "--threads", help="threads (default: all cores; more than the cores "
                                    "runs on all of them, as Numba's pool is that size)",
                                    parse=_number(int, "n_threads", 1, allow_none=True), cli=int)

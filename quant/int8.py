@@ -29,6 +29,9 @@ F32 = np.float32
 MR = 4   # weight rows per matmul tile
 MT = 4   # activation rows per matmul tile (unrolled: their accumulators stay in registers)
 LANES = 8 * MT  # accumulator lanes per matmul tile
+FEW = 8         # up to this many activation rows (a decode batch) take each weight block one row at a time
+FEW_LANES = 8 * max(MT, FEW)
+GLU_LANES = 16 * FEW  # gate and up accumulators of FEW rows
 PREFETCH = 2048  # bytes ahead a one-row kernel asks for its weights (chosen by measurement among 1-4 KiB)
 
 
@@ -182,22 +185,25 @@ def _mv_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.nd
 @njit(cache=True, inline="always")
 def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray, u: np.ndarray,
             ts: int, bpb: int, block1: Callable, qk: int = 256) -> None:
-    """g[0] = silu(wg . x) * (wu . x) for the activation row x: SwiGLU's gate and up in one parallel pass (each sum
-    in _mv_k's order: the same values), then ggml's SwiGLU over the row once (a call per row costs more than
-    the row's dot products)."""
-    nb, rb = wg.shape[1] // ts, wg.shape[1]
+    """g[t] = silu(wg . x_t) * (wu . x_t) for up to FEW activation rows x_t: SwiGLU's gate and up in one parallel
+    pass (each sum in _mv_k's order: the same values whatever the rows), then ggml's SwiGLU over the rows once
+    (a call per row costs more than the row's dot products)."""
+    nb, rb, T = wg.shape[1] // ts, wg.shape[1], q.shape[0]
+    n, nbs, nd = q.shape[1], b.shape[1], d.shape[1]
     for r in prange(wg.shape[0]):
-        accf = _stack(16, F32)
-        for l in range(16):
+        accf = _stack(GLU_LANES, F32)
+        for l in range(16 * T):
             accf[l] = 0
         for k in range(nb):
             o = r * rb + k * ts
             _prefetch(wg, o, ts)
             _prefetch(wu, o, ts)
-            block1(accf, 0, wg, o, q, k * qk, 0, b, k * bpb, 0, d, k, 0)
-            block1(accf, 8, wu, o, q, k * qk, 0, b, k * bpb, 0, d, k, 0)
-        g[0, r] = simd.hsum(accf, 0)
-        u[0, r] = simd.hsum(accf, 8)
+            for j in range(T):
+                block1(accf, 16 * j, wg, o, q, j * n + k * qk, 0, b, j * nbs + k * bpb, 0, d, j * nd + k, 0)
+                block1(accf, 16 * j + 8, wu, o, q, j * n + k * qk, 0, b, j * nbs + k * bpb, 0, d, j * nd + k, 0)
+        for j in range(T):
+            g[j, r] = simd.hsum(accf, 16 * j)
+            u[j, r] = simd.hsum(accf, 16 * j + 8)
     silu_mul(g, u)
 
 
@@ -205,28 +211,32 @@ def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.
 def _mm_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray, ts: int, bpb: int,
           block1: Callable, block4: Callable, qk: int = 256) -> None:
     """out[t, r] for activations (T, .): tiles of MR weight rows x MT activation rows, each weight block decoded
-    once for the MT rows (the last tile overlaps the one before); fewer than MT rows go one at a time."""
+    once for the MT rows (the last tile overlaps the one before); up to FEW rows go one at a time through each
+    block, in the one-row kernel's order (the same sums: a row's result does not depend on the batch)."""
     rows, nb, rb, T = w.shape[0], w.shape[1] // ts, w.shape[1], q.shape[0]
     n, nbs, nd = q.shape[1], b.shape[1], d.shape[1]
     for rt in prange((rows + MR - 1) // MR):
-        accf = _stack(LANES, F32)
-        for t0 in range(0, T, MT):
+        accf = _stack(FEW_LANES, F32)
+        for t0 in range(0, T, MT if T > FEW else T):
             s = t0 if t0 + MT <= T else max(T - MT, 0)
             for r in range(rt * MR, min(rt * MR + MR, rows)):
-                for l in range(LANES):
+                for l in range(FEW_LANES):
                     accf[l] = 0
-                if T >= MT:
+                if T > FEW:
                     for k in range(nb):
+                        _prefetch(w, r * rb + k * ts, ts)
                         block4(accf, 0, w, r * rb + k * ts, q, s * n + k * qk, n, b, s * nbs + k * bpb, nbs,
                                d, s * nd + k, nd)
                     for j in range(MT):
                         if s + j >= t0:
                             out[s + j, r] = simd.hsum(accf, 8 * j)
-                else:
-                    for j in range(T):
-                        for k in range(nb):
+                else:                                # a few rows (a decode batch): each block for all of them
+                    for k in range(nb):
+                        _prefetch(w, r * rb + k * ts, ts)
+                        for j in range(T):
                             block1(accf, 8 * j, w, r * rb + k * ts, q, j * n + k * qk, 0, b,
                                    j * nbs + k * bpb, 0, d, j * nd + k, 0)
+                    for j in range(T):
                         out[j, r] = simd.hsum(accf, 8 * j)
 
 
@@ -347,7 +357,7 @@ def product(w: np.ndarray, qtype: QType, a: Acts, out: np.ndarray) -> None:
 
 
 def swiglu_product(wg: np.ndarray, wu: np.ndarray, qtype: QType, a: Acts, g: np.ndarray, u: np.ndarray) -> None:
-    """g (1, rows) = silu(x . wg.T) * (x . wu.T) for the one activation row bound to `a`, u (1, rows) its room for
-    the up product (ggml_vec_swiglu_f32's values, as product then silu_mul give them); `qtype`, both
+    """g (n, rows) = silu(x . wg.T) * (x . wu.T) for the n <= FEW activation rows bound to `a`, u (n, rows) its
+    room for the up product (ggml_vec_swiglu_f32's values, as product then silu_mul give them); `qtype`, both
     matrices', must be in GLU."""
     GLU[qtype](wg, wu, *a.operands(qtype), g, u)

@@ -4,6 +4,10 @@ from __future__ import annotations
 import os
 import shutil
 
+from hotcold.llama_amx import guard
+
+guard()   # before anything imports llama_cpp: its AMX buffers fault on some VMs (hotcold/llama_amx.py)
+
 # Without an NVIDIA GPU, run numba.cuda kernels (tests/test_cuda_kernels.py) on Numba's CPU simulator.
 # Set before anything imports numba, which reads the variable once.
 if shutil.which("nvidia-smi") is None:
