@@ -118,6 +118,19 @@ def create_app(model: Model, engine: BatchEngine, api_key: str | None = None, na
             if not done:
                 req.cancel()
 
+    async def collect(req: Request, q: asyncio.Queue, http: HttpRequest) -> tuple[str, list, Event | None]:
+        """A non-streamed reply: its text, logprobs and finishing event (None: the client left first)."""
+        text, lps, last = [], [], None
+        async for ev in events(req, q, http):
+            text.append(ev.text)
+            lps.extend(ev.logprobs)
+            last = ev
+        if last is None or last.finish is None or last.finish is Finish.CANCELLED:
+            return "", [], None
+        if last.finish is Finish.ERROR:
+            raise failed(last)
+        return "".join(text), lps, last
+
     def failed(ev: Event) -> ApiError:
         return ApiError(500, ev.error or "generation failed", "server_error")
 
@@ -197,16 +210,10 @@ def create_app(model: Model, engine: BatchEngine, api_key: str | None = None, na
                         if body.stream_options is not None and body.stream_options.include_usage:
                             yield {**chunk("", None), "choices": [], "usage": usage(ev)}
             return sse(chunks())
-        text, lps, last = [], [], None
-        async for ev in events(req, q, request):
-            text.append(ev.text)
-            lps.extend(ev.logprobs)
-            last = ev
-        if last is None or last.finish is None or last.finish is Finish.CANCELLED:
+        text, lps, last = await collect(req, q, request)
+        if last is None:
             return Response(status_code=499)
-        if last.finish is Finish.ERROR:
-            raise failed(last)
-        out = chunk((prompt if body.echo else "") + "".join(text), finish_reason(last),
+        out = chunk((prompt if body.echo else "") + text, finish_reason(last),
                     None if body.logprobs is None else model._completion_logprobs(lps, len(prompt)))
         out["usage"] = usage(last)
         return out
@@ -249,17 +256,11 @@ def create_app(model: Model, engine: BatchEngine, api_key: str | None = None, na
                         if body.stream_options is not None and body.stream_options.include_usage:
                             yield {**chunk({}, None), "choices": [], "usage": usage(ev)}
             return sse(chunks())
-        text, lps, last = [], [], None
-        async for ev in events(req, q, request):
-            text.append(ev.text)
-            lps.extend(ev.logprobs)
-            last = ev
-        if last is None or last.finish is None or last.finish is Finish.CANCELLED:
+        text, lps, last = await collect(req, q, request)
+        if last is None:
             return Response(status_code=499)
-        if last.finish is Finish.ERROR:
-            raise failed(last)
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": model._chat_logprobs(lps) if body.logprobs else None,
                              "finish_reason": finish_reason(last)}],
                 "usage": usage(last)}
