@@ -184,6 +184,19 @@ def generate_gguf(out: Path, gb: float, qtype: QType = QType.Q4_K) -> Path:
     return out
 
 
+def bench_models(work: Path | None, gb: float, prefix: str) -> dict[str, Path]:
+    """The benchmarks' two models in `work` (made when missing; a new temporary folder without one): the
+    shipped trained Mixtral at Q8_0 and the generated Mixtral-shaped model of about `gb` GB at Q4_K."""
+    work = work or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    files = {"trained Q8_0": work / "trained-q8_0.gguf", f"generated {gb:g} GB Q4_K": work / "gen-q4_k.gguf"}
+    if not files["trained Q8_0"].is_file():
+        convert(TRAINED, files["trained Q8_0"], type="q8_0", cold_type=None, progress=False)
+    if not files[f"generated {gb:g} GB Q4_K"].is_file():
+        generate_gguf(files[f"generated {gb:g} GB Q4_K"], gb, QType.Q4_K)
+    return files
+
+
 def decode_bytes(path: Path) -> int:
     """Weight bytes one decoded token reads: everything but the embedding table and the unselected experts."""
     f = GGUFFile(path)

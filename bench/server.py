@@ -18,19 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import TRAINED, _run, generate_gguf, median  # noqa: E402
+from decode import _run, bench_models, median  # noqa: E402
 
-from hotcold.convert import convert  # noqa: E402
-from hotcold.quant import QType  # noqa: E402
 
 _HOTCOLD = r"""
-import json, sys, threading, time
+import json, sys, time
 path, n, n_prompt, n_decode, threads, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 import numpy as np
 from hotcold import Model
@@ -42,17 +39,13 @@ eng = BatchEngine(m)   # stepped on this thread, as moe-server runs it (engine/b
 rng = np.random.default_rng(0)
 
 def run(prompts, n_tok):
-    first, last, done = {}, {}, threading.Event()
-    left = [len(prompts)]
+    first, last = {}, {}
     def sink(i):
         def emit(ev):
             now = time.perf_counter()
             first.setdefault(i, now)
             if ev.finish is not None:
                 last[i] = now
-                left[0] -= 1
-                if left[0] == 0:
-                    done.set()
         return emit
     for i, p in enumerate(prompts):
         eng.submit(Request(p, sink(i), SamplingParams(temperature=0), max_tokens=n_tok, ignore_eos=True))
@@ -134,13 +127,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="hotcold-server-"))
-    work.mkdir(parents=True, exist_ok=True)
-    files = {"trained Q8_0": work / "trained-q8_0.gguf", f"generated {args.gb:g} GB Q4_K": work / "gen-q4_k.gguf"}
-    if not files["trained Q8_0"].is_file():
-        convert(TRAINED, files["trained Q8_0"], type="q8_0", cold_type=None, progress=False)
-    if not files[f"generated {args.gb:g} GB Q4_K"].is_file():
-        generate_gguf(files[f"generated {args.gb:g} GB Q4_K"], args.gb, QType.Q4_K)
+    files = bench_models(args.work, args.gb, "hotcold-server-")
     print(f"\naggregate decode tokens/s of N greedy sequences ({args.prompt}-token prompts, {args.decode} tokens "
           f"each), {args.threads} threads; medians of {args.reps} runs, engines alternating\n")
     print("| model | N | hotcold | x 1 stream | llama.cpp | x 1 stream | ratio | hotcold 25% budget | "

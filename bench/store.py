@@ -12,17 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode import TRAINED, _run, generate_gguf  # noqa: E402
+from decode import _run, bench_models  # noqa: E402
 
-from hotcold.convert import convert  # noqa: E402
-from hotcold.quant import QType  # noqa: E402
 
 _WORKER = r"""
 import json, sys
@@ -51,13 +48,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="hotcold-store-"))
-    work.mkdir(parents=True, exist_ok=True)
-    files = {"trained Q8_0": work / "trained-q8_0.gguf", f"generated {args.gb:g} GB Q4_K": work / "gen-q4_k.gguf"}
-    if not files["trained Q8_0"].is_file():
-        convert(TRAINED, files["trained Q8_0"], type="q8_0", cold_type=None, progress=False)
-    if not files[f"generated {args.gb:g} GB Q4_K"].is_file():
-        generate_gguf(files[f"generated {args.gb:g} GB Q4_K"], args.gb, QType.Q4_K)
+    files = bench_models(args.work, args.gb, "hotcold-store-")
     configs = ["plain", "100%", "25%"]
     print(f"\ndecode tokens/s, {args.decode} tokens after a warm-up generation; medians of {args.reps} runs\n")
     print("| model | plain | 100% budget | ratio | 25% budget | ratio | 25%: MiB moved / token | 25%: hit rate |")

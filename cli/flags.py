@@ -41,6 +41,20 @@ def add_options(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, 
         target.add_argument(*md["flags"], **kw)
 
 
+def add_model(parser: argparse.ArgumentParser, like: str) -> None:
+    """The GGUF file as the first argument or -m/--model, as llama.cpp's tool `like` takes it."""
+    parser.add_argument("model_pos", nargs="?", metavar="MODEL", help="GGUF file (from moe-convert or llama.cpp); or -m")
+    parser.add_argument("-m", "--model", dest="model", default=None, help=f"GGUF file, as {like}'s -m")
+
+
+def model_arg(parser: argparse.ArgumentParser, args: argparse.Namespace, usage: str) -> str:
+    """The model given once (else a one-line error naming `usage`), also left in args.model."""
+    if (args.model is None) == (args.model_pos is None):
+        parser.error(f"give the model once: {usage}")
+    args.model = args.model or args.model_pos
+    return args.model
+
+
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The fields of `cls` the command line set."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}

@@ -12,7 +12,7 @@ from hotcold.engine.api import Model
 from hotcold.engine.options import Options
 from hotcold.engine.sampling import SamplingParams
 
-from .flags import Parser, add_options, given, guarded
+from .flags import Parser, add_model, add_options, given, guarded, model_arg
 
 
 # llama-cli flags for what hotcold does not have: named as such, not mistaken for something else
@@ -32,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="moe-run", description="Run a GGUF MoE model: `-p PROMPT` "
                                 "for a one-shot completion, no -p (or -cnv) for an interactive chat (the model's "
                                 "chat template). Flags are llama-cli's where hotcold has the feature.")
-    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="GGUF file (from moe-convert or llama.cpp); or -m")
-    p.add_argument("-m", "--model", dest="model", default=None, help="GGUF file, as llama-cli's -m")
+    add_model(p, "llama-cli")
     p.add_argument("-p", "--prompt", help="complete this prompt and exit (with -cnv: the system prompt)")
     p.add_argument("-f", "--file", default=None, help="read the prompt from this file")
     p.add_argument("-n", "--n-predict", type=int, default=None,
@@ -69,9 +68,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if a.split("=", 1)[0] in UNSUPPORTED:
             p.error(f"{a.split('=', 1)[0]} is a llama-cli flag that hotcold does not support")
     args = p.parse_args(argv)
-    if (args.model is None) == (args.model_pos is None):
-        p.error("give the model once: moe-run MODEL or moe-run -m MODEL")
-    args.model = args.model or args.model_pos
+    model_arg(p, args, "moe-run MODEL or moe-run -m MODEL")
     if args.file is not None:
         if args.prompt is not None:
             p.error("give the prompt with -p or -f, not both")

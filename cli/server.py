@@ -12,15 +12,14 @@ import time
 
 from hotcold.engine.options import Options
 
-from .flags import Parser, add_options, given, guarded
+from .flags import Parser, add_model, add_options, given, guarded, model_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="moe-server", description="Serve a GGUF MoE model with OpenAI's API (/v1/completions, "
                "/v1/chat/completions, /v1/models, /health, /metrics). Requests decode together in --parallel slots, "
                "each with a context of -c tokens; more wait in a queue.")
-    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="GGUF file (from moe-convert or llama.cpp); or -m")
-    p.add_argument("-m", "--model", dest="model", default=None, help="GGUF file, as llama-server's -m")
+    add_model(p, "llama-server")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
@@ -32,9 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if (args.model is None) == (args.model_pos is None):
-        p.error("give the model once: moe-server MODEL or moe-server -m MODEL")
-    args.model = args.model or args.model_pos
+    model_arg(p, args, "moe-server MODEL or moe-server -m MODEL")
     if not 0 < args.port < 65536:
         p.error(f"--port {args.port}: give a port in 1..65535")
     return args
