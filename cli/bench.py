@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="output format (default md)")
     p.add_argument("--vs-llama-cpp", action="store_true",
                    help="also run llama.cpp (llama-cpp-python) on the same file, alternating, and print the ratio")
-    add_options(p, Options, exclude=("n_threads", "n_seq_max"))   # -t is a list here, as llama-bench's
+    add_options(p, Options, exclude=("n_threads",))   # -t is a list here, as llama-bench's
     return p
 
 

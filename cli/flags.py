@@ -19,15 +19,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
+def add_options(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = (),
+                server: bool = False) -> None:
     """One argument per field of `cls` that has flags (but the fields in `exclude`, which a tool defines its own
-    way); a flag not given is left out of the namespace, so the dataclass's own default applies."""
+    way, and the "server" group's unless `server`: slots and scheduling are moe-server's); a flag not given is left
+    out of the namespace, so the dataclass's own default applies."""
     groups: dict[str, Any] = {}
     for f in fields(cls):
         md = f.metadata
-        if not md.get("flags") or f.name in exclude:
-            continue
         group = md.get("group", "model")
+        if not md.get("flags") or f.name in exclude or (group == "server" and not server):
+            continue
         target = parser if group == "model" else groups.setdefault(group, parser.add_argument_group(group))
         default = f.default.value if isinstance(f.default, enum.Enum) else f.default
         hint = f" (default {default})" if default not in (None, False, MISSING) else ""

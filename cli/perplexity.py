@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="GGUF file; or -m")
     p.add_argument("-m", "--model", dest="model", default=None, help="GGUF file, as llama-perplexity's -m")
     p.add_argument("-f", "--file", required=True, help="the text to score")
-    add_options(p, Options, exclude=("n_seq_max",))   # one sequence: moe-server has slots
+    add_options(p, Options)
     return p
 
 

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted for llama-cli: hotcold never echoes the prompt, stdout is the generated text")
     p.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="ngl", type=int, default=None, metavar="N",
                    help="llama-cli's layer offload: N > 0 runs on the GPU (--device cuda), 0 on the CPU")
-    add_options(p, Options, exclude=("n_seq_max",))   # one sequence: moe-server has slots
+    add_options(p, Options)
     add_options(p, SamplingParams)
     r = next(g for g in p._action_groups if g.title == "expert residency (see README)")
     r.add_argument("--stats", action="store_true", help="print per-layer expert cache statistics to stderr")

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("-a", "--alias", default=None, help="the model id clients give (default: the file's name)")
-    add_options(p, Options)
+    add_options(p, Options, server=True)
     return p
 
 

@@ -17,6 +17,11 @@ from .experts.policies import CachePolicy
 from .experts.rules import Budget, MissMode, Placement
 
 
+class Schedule(enum.Enum):
+    FCFS = "fcfs"   # queued requests in order of arrival (llama-server's)
+    TASK = "task"   # eMoE's task-aware order: deadline, predicted output length, shared predicted experts
+
+
 class Device(enum.Enum):
     CPU = "cpu"    # everything in RAM
     CUDA = "cuda"  # dense layers, KV cache and hot experts on the GPU
@@ -72,6 +77,9 @@ class Options:
     n_seq_max: int = option(1, "-np", "--parallel", help="sequences decoded together (moe-server's slots), each "
                             "with a context of its own of n_ctx tokens", parse=_number(int, "n_seq_max", 1), cli=int,
                             group="server")
+    schedule: Schedule = option(Schedule.FCFS, "--schedule", help="order of queued requests: first come first served, "
+                                "or by task (deadline slo_ms, predicted output length, shared predicted experts)",
+                                parse=_enum(Schedule, "schedule"), choices=Schedule, group="server")
     n_threads: int | None = option(None, "-t", "--threads", help="threads (default: all cores; more than the cores "
                                    "runs on all of them, as Numba's pool is that size)",
                                    parse=_number(int, "n_threads", 1, allow_none=True), cli=int)
@@ -105,6 +113,12 @@ class Options:
                               parse=_number(float, "eras_beta", 0.0), cli=float, group=RESIDENCY)
     prefetch: int = option(0, "--prefetch", help="layers ahead to predict and load experts for (0 = off)",
                            parse=_number(int, "prefetch", 0), cli=int, group=RESIDENCY)
+    predictor: Path | None = option(None, "--predictor", help="an expert predictor (moe-predictor train): before "
+                                    "each prompt, load the experts it predicts into the arena (eMoE)",
+                                    parse=lambda v: None if v is None else Path(v), group=RESIDENCY)
+    predict_every: int = option(1, "--predict-every", help="with --predictor: predict every N prompts and reuse the "
+                                "prediction in between (eMoE: 40)", parse=_number(int, "predict_every", 1), cli=int,
+                                group=RESIDENCY)
     cold_path: Path | None = option(None, "--cold", help="cold copies (default: MODEL.cold.gguf)",
                                     parse=lambda v: None if v is None else Path(v), group=RESIDENCY)
     device: Device = option(Device.CPU, "--device", help="cuda: dense layers, KV cache and hot experts on the GPU",
@@ -139,6 +153,9 @@ class Options:
         if self.device == Device.CPU and self.miss_placement != Placement.AUTO:
             raise ValueError(f"miss_placement={self.miss_placement.value!r} (--miss-placement) needs device='cuda' "
                              "(--device cuda): on the CPU every miss already runs on the CPU")
+        if self.predict_every != 1 and self.predictor is None:
+            raise ValueError(f"predict_every={self.predict_every} (--predict-every) needs a predictor (--predictor "
+                             "pred.npz, made by moe-predictor train)")
         if self.ram_budget is not None and self.device != Device.CPU:
             raise ValueError("ram_budget (--ram-budget) is for device='cpu'; on a GPU give vram_budget")
         if self.vram_budget is not None:
@@ -155,7 +172,8 @@ class Options:
     def residency(self) -> bool:
         """Whether any option asks for the expert cache (else experts are read straight from the file)."""
         return (self.expert_budget is not None or self.ram_budget is not None or self.miss != MissMode.HOT or bool(self.eras_alpha)
-                or bool(self.eras_beta) or self.prefetch > 0 or self.cold_path is not None or self.device != Device.CPU)
+                or bool(self.eras_beta) or self.prefetch > 0 or self.cold_path is not None or self.device != Device.CPU
+                or self.predictor is not None)
 
     @property
     def budget(self) -> Budget:
