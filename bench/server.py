@@ -2,8 +2,10 @@
 same number of sequences in one batch, on the same file and threads, in one run.
 
 For each model (the shipped trained Mixtral at Q8_0, a generated Mixtral-shaped model of about --gb GB at
-Q4_K: top-2 of 8 experts) and each stream count N in --streams, a fresh process loads the model, warms up,
-then starts N greedy sequences of --prompt random tokens each and times their --decode tokens: hotcold
+Q4_K: top-2 of 8 experts) and each stream count N in --streams, N greedy sequences of --prompt random tokens
+each are started and their --decode tokens timed. hotcold: each fresh process loads one model per N (sharing
+the file's pages), warms each up, then runs --rounds rounds over the stream counts, alternating their order, so
+that the "x 1 stream" ratios compare runs made side by side; hotcold
 through hotcold.engine.batch.BatchEngine stepped on the loading thread (what moe-server runs: prompts prefilled together, then one forward
 pass per step for all N), llama.cpp through llama-cpp-python's low-level API (one llama_batch of N sequence
 ids per step, llama_decode, argmax of each sequence's logits: llama.cpp's batched example). Decode tokens/s
@@ -11,7 +13,8 @@ is N x (decode - 1) tokens over the time from the step in which the last sequenc
 the end. The engines alternate, --reps times; medians. hotcold also runs with a 25% expert budget (LRU, hot
 misses) and reports the expert bytes moved per generated token.
 
-    python bench/server.py [--streams 1 2 4 8] [--gb 1.0] [--decode 64] [--reps 3] [--threads 2] [--work DIR]
+    python bench/server.py [--streams 1 2 4 8] [--gb 1.0] [--decode 64] [--reps 3] [--rounds 3] [--threads 2]
+                           [--models trained generated] [--work DIR]
 """
 from __future__ import annotations
 
@@ -28,17 +31,21 @@ from decode import _run, bench_models, median  # noqa: E402
 
 _HOTCOLD = r"""
 import json, sys, time
-path, n, n_prompt, n_decode, threads, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+path, streams, n_prompt, n_decode, threads, budget, rounds = (sys.argv[1], [int(x) for x in sys.argv[2].split(",")],
+    int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], int(sys.argv[7]))
 import numpy as np
 from hotcold import Model
 from hotcold.engine.batch import BatchEngine, Request
 from hotcold.engine.sampling import SamplingParams
 opts = {} if budget == "plain" else dict(expert_budget=budget, cache_policy="lru", miss="hot")
-m = Model(path, n_ctx=n_prompt + n_decode + 16, n_seq_max=n, n_batch=max(512, n * n_prompt), n_threads=threads, **opts)
-eng = BatchEngine(m)   # stepped on this thread, as moe-server runs it (engine/batch.py)
 rng = np.random.default_rng(0)
 
-def run(prompts, n_tok):
+def engine(n):
+    m = Model(path, n_ctx=n_prompt + n_decode + 16, n_seq_max=n, n_batch=max(512, n * n_prompt), n_threads=threads,
+              **opts)
+    return m, BatchEngine(m)   # stepped on this thread, as moe-server runs it (engine/batch.py)
+
+def run(eng, prompts, n_tok):
     first, last = {}, {}
     def sink(i):
         def emit(ev):
@@ -53,14 +60,22 @@ def run(prompts, n_tok):
         pass
     return max(first.values()), max(last.values())
 
-run([[1] + [int(t) for t in rng.integers(3, 4000, size=n_prompt - 1)] for _ in range(n)], 4)   # warm: compile, fill
-m.reset_expert_stats()
-c0 = dict(eng.counters)
-prompts = [[1] + [int(t) for t in rng.integers(3, 4000, size=n_prompt - 1)] for _ in range(n)]
-t_first, t_end = run(prompts, n_decode)
-s = m.expert_stats()
-gen = eng.counters["completion_tokens"] - c0["completion_tokens"]
-print("RESULT", json.dumps([n * (n_decode - 1) / (t_end - t_first), s["bytes_moved"] / max(gen, 1)]))
+def prompts(n):
+    return [[1] + [int(t) for t in rng.integers(3, 4000, size=n_prompt - 1)] for _ in range(n)]
+
+engines = {n: engine(n) for n in streams}          # one model per stream count, sharing the file's pages
+for n, (m, eng) in engines.items():
+    run(eng, prompts(n), 4)                         # warm: compile, fill
+out = {n: [] for n in streams}
+for r in range(rounds):                             # the counts alternate, so drifts of the machine hit all alike
+    for n in (streams if r % 2 == 0 else streams[::-1]):
+        m, eng = engines[n]
+        m.reset_expert_stats()
+        c0 = dict(eng.counters)
+        t_first, t_end = run(eng, prompts(n), n_decode)
+        gen = eng.counters["completion_tokens"] - c0["completion_tokens"]
+        out[n].append([n * (n_decode - 1) / (t_end - t_first), m.expert_stats()["bytes_moved"] / max(gen, 1)])
+print("RESULT", json.dumps(out))
 """
 
 _LLAMA = r"""
@@ -122,36 +137,44 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
     ap.add_argument("--decode", type=int, default=64, help="tokens generated per sequence")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="fresh processes per engine and configuration")
+    ap.add_argument("--rounds", type=int, default=3, help="hotcold: rounds of every stream count in each process")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--models", nargs="+", choices=["trained", "generated"], default=["trained", "generated"])
     args = ap.parse_args()
-    files = bench_models(args.work, args.gb, "hotcold-server-")
+    files = {name: path for name, path in bench_models(args.work, args.gb, "hotcold-server-").items()
+             if name.split()[0] in args.models}
     print(f"\naggregate decode tokens/s of N greedy sequences ({args.prompt}-token prompts, {args.decode} tokens "
-          f"each), {args.threads} threads; medians of {args.reps} runs, engines alternating\n")
+          f"each), {args.threads} threads; hotcold: medians of {args.reps} processes x {args.rounds} rounds alternating "
+          f"the stream counts; llama.cpp: medians of {args.reps} runs, alternating with hotcold's processes\n")
     print("| model | N | hotcold | x 1 stream | llama.cpp | x 1 stream | ratio | hotcold 25% budget | "
           "25%: MiB moved / token |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    streams = ",".join(str(n) for n in args.streams)
     for name, path in files.items():
-        base: dict[str, float] = {}
+        hot: dict[str, dict[int, list]] = {"plain": {n: [] for n in args.streams}, "25%": {n: [] for n in args.streams}}
+        llama: dict[int, list] = {n: [] for n in args.streams}
+        for rep in range(args.reps):
+            for e in (["plain", "llama.cpp", "25%"] if rep % 2 == 0 else ["25%", "llama.cpp", "plain"]):
+                if e == "llama.cpp":
+                    for n in args.streams:
+                        llama[n].append(json.loads(_run(_LLAMA, str(path), str(n), str(args.prompt), str(args.decode),
+                                                        str(args.threads)))[0])
+                    continue
+                got = json.loads(_run(_HOTCOLD, str(path), streams, str(args.prompt), str(args.decode),
+                                      str(args.threads), e, str(args.rounds)))
+                for n in args.streams:
+                    hot[e][n] += got[str(n)]
+        tps = {e: {n: median([r[0] for r in rs]) for n, rs in d.items()} for e, d in hot.items()}
+        ll = {n: median(v) for n, v in llama.items()}
+        one = args.streams[0]
         for n in args.streams:
-            runs: dict[str, list] = {"hotcold": [], "llama.cpp": [], "25%": []}
-            common = [str(path), str(n), str(args.prompt), str(args.decode), str(args.threads)]
-            for rep in range(args.reps):
-                order = ["hotcold", "llama.cpp", "25%"] if rep % 2 == 0 else ["25%", "llama.cpp", "hotcold"]
-                for e in order:
-                    if e == "llama.cpp":
-                        runs[e].append(json.loads(_run(_LLAMA, *common)))
-                    else:
-                        runs[e].append(json.loads(_run(_HOTCOLD, *common, "plain" if e == "hotcold" else "25%")))
-            tps = {e: median([r[0] for r in rs]) for e, rs in runs.items()}
-            moved = median([r[1] for r in runs["25%"]]) / 2**20
-            base.setdefault("hotcold", tps["hotcold"])
-            base.setdefault("llama.cpp", tps["llama.cpp"])
-            print(f"| {name} | {n} | {tps['hotcold']:.1f} | {tps['hotcold'] / base['hotcold']:.2f}x | "
-                  f"{tps['llama.cpp']:.1f} | {tps['llama.cpp'] / base['llama.cpp']:.2f}x | "
-                  f"{tps['hotcold'] / tps['llama.cpp']:.2f}x | {tps['25%']:.1f} | {moved:.2f} |", flush=True)
+            moved = median([r[1] for r in hot["25%"][n]]) / 2**20
+            print(f"| {name} | {n} | {tps['plain'][n]:.1f} | {tps['plain'][n] / tps['plain'][one]:.2f}x | "
+                  f"{ll[n]:.1f} | {ll[n] / ll[one]:.2f}x | {tps['plain'][n] / ll[n]:.2f}x | {tps['25%'][n]:.1f} | "
+                  f"{moved:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

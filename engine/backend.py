@@ -9,6 +9,7 @@ same signatures. After vLLM's modular_kernel.py: small stage interfaces, one imp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -21,9 +22,9 @@ from hotcold.quant.kernels import MATMUL, MATVEC
 
 from . import kernels
 from .config import Activation, CacheType
-from .experts.arena import Arena
+from .experts.arena import ram_arena
 from .experts.cache import ExpertCache
-from .experts.expert import Expert, Ready
+from .experts.expert import Expert, Filling, Ready
 from .weights import QMatrix
 
 if TYPE_CHECKING:
@@ -173,12 +174,15 @@ class Backend(ABC):
     def expert_cache(self, hot: Sequence[Sequence[Expert]], opt: "Options", cold: Sequence[Sequence[Expert]] | None,
                      ctx: "Context") -> ExpertCache:
         """The expert cache with its hot arena where this backend computes (RAM here)."""
-        return ExpertCache(hot, opt, cold, Arena)
+        return ExpertCache(hot, opt, cold, functools.partial(ram_arena, n_experts=sum(len(layer) for layer in hot)))
 
     # --- composed -------------------------------------------------------------------------------------
 
     def glu(self, e: Expert, x: Any, scratch: "FFNScratch", out: Any, act: Activation) -> None:
-        """out (n, n_embd) = down(act(gate x) * up x) for the matrix input x (n, n_embd) from `acts`."""
+        """out (n, n_embd) = down(act(gate x) * up x) for the matrix input x (n, n_embd) from `acts`; an expert
+        being loaded (Filling) has its slot filled too."""
+        if isinstance(e, Filling):
+            e.slot.ready.wait()                                              # the plain copy into the slot
         g, u = scratch.ff(out.shape[0], e.gate.rows)
         self.matmul(e.gate, x, g)                                            # (n, n_ff)
         self.matmul(e.up, x, u)                                              # (n, n_ff)
@@ -309,6 +313,15 @@ class CpuBackend(Backend):
         if act is Activation.SILU and isinstance(x, int8.Acts) and x.rows <= int8.FEW and e.up.qtype == t \
                 and t in int8.GLU:
             g, u = scratch.ff(x.rows, e.gate.rows)
+            if isinstance(e, Filling) and x.rows == 1 and e.down.qtype in int8.KERNELS:
+                # a miss loaded as it is computed: each row goes on to the arena slot once read (one pass)
+                dst = e.slot
+                int8.swiglu_product(e.gate.kernel_view, e.up.kernel_view, t, x, g, u, dst.gate.raw, dst.up.raw)
+                int8.product(e.down.kernel_view, e.down.qtype, self.acts(g, scratch.g_acts), out, dst.down.raw)
+                dst.ready.filled()
+                return
+            if isinstance(e, Filling):
+                e.slot.ready.wait()
             int8.swiglu_product(e.gate.kernel_view, e.up.kernel_view, t, x, g, u)   # (n, n_ff) in one pass
             self.matmul(e.down, self.acts(g, scratch.g_acts), out)             # (n, n_embd)
             return

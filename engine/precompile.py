@@ -48,7 +48,7 @@ def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool) -> tupl
         if t in int8.KERNELS:
             fmt, mv, mm = int8.KERNELS[t]
             w = (_a(_U8, 2, True), _a(_I8, 2), f2, _a(_I32, 2), f2)
-            mine += [quantizers[fmt], (mm, w), (mv, w)]
+            mine += [quantizers[fmt], (mm, w), (mv, (*w, _a(_U8, 2)))]   # mv's last: the slot it fills, if any
         else:
             w = _a(_KERNEL_VIEW.get(t, _U8), 2, True)
             mine += [(MATMUL[t], (w, f2, f2)), (MATVEC[t], (w, f1, f1))]
@@ -60,7 +60,7 @@ def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool) -> tupl
         theirs += [(kernels.store_f16, (f2, kv)), (kernels.store_kv_f16, (f2, f2, kv, kv, _I64))]
     glu = [t for t in dict.fromkeys(weight_types) if t in int8.GLU]
     w = _a(_U8, 2, True)
-    theirs += [(int8.GLU[t], (w, w, _a(_I8, 2), f2, _a(_I32, 2), f2, f2)) for t in glu]
+    theirs += [(int8.GLU[t], (w, w, _a(_I8, 2), f2, _a(_I32, 2), f2, f2, _a(_U8, 2), _a(_U8, 2))) for t in glu]
     return mine, theirs
 
 

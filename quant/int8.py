@@ -141,9 +141,9 @@ def quantize_q8_0(x: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray) ->
 # block_q4_K: d, dmin (fp16), scales[12], qs[128]; byte l of chunk c holds sub-block 2c (low nibble) and 2c+1
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    """out[0, r] = row r of Q4_K w . the Q8_K activation row (q, d, b32 of shape (1, .))."""
-    _mv_k(w, q, d, b32, out, 144, 8, simd.q4_k_block1)
+def mv_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray, dst: np.ndarray) -> None:
+    """out[0, r] = row r of Q4_K w . the Q8_K activation row (q, d, b32 of shape (1, .)); dst: see _mv_k."""
+    _mv_k(w, q, d, b32, out, dst, 144, 8, simd.q4_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -167,10 +167,11 @@ def _prefetch(w: np.ndarray, o: int, ts: int) -> None:
 
 
 @njit(cache=True, inline="always")
-def _mv_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray, ts: int, bpb: int,
-          block1: Callable, qk: int = 256) -> None:
-    """out[0, r] = row r . the activation row: a block of ts bytes against qk activations, bpb sums each."""
-    nb, rb = w.shape[1] // ts, w.shape[1]
+def _mv_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray, dst: np.ndarray, ts: int,
+          bpb: int, block1: Callable, qk: int = 256) -> None:
+    """out[0, r] = row r . the activation row: a block of ts bytes against qk activations, bpb sums each. A dst of
+    w's shape gets each row once it is read (an expert computed while it is loaded into an arena slot)."""
+    nb, rb, fill = w.shape[1] // ts, w.shape[1], dst.shape[0] > 0
     for r in prange(w.shape[0]):
         accf = _stack(8, F32)
         for l in range(8):
@@ -180,16 +181,19 @@ def _mv_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.nd
             _prefetch(w, o, ts)
             block1(accf, 0, w, o, q, k * qk, 0, b, k * bpb, 0, d, k, 0)
         out[0, r] = simd.hsum(accf, 0)
+        if fill:
+            simd.copy(dst, r * rb, w, r * rb, rb)
 
 
 @njit(cache=True, inline="always")
 def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray, u: np.ndarray,
-            ts: int, bpb: int, block1: Callable, qk: int = 256) -> None:
+            dg: np.ndarray, du: np.ndarray, ts: int, bpb: int, block1: Callable, qk: int = 256) -> None:
     """g[t] = silu(wg . x_t) * (wu . x_t) for up to FEW activation rows x_t: SwiGLU's gate and up in one parallel
     pass (each sum in _mv_k's order: the same values whatever the rows), then ggml's SwiGLU over the rows once
-    (a call per row costs more than the row's dot products)."""
+    (a call per row costs more than the row's dot products). dg and du, if not empty, get wg's and wu's rows as
+    they are read (as _mv_k's dst)."""
     nb, rb, T = wg.shape[1] // ts, wg.shape[1], q.shape[0]
-    n, nbs, nd = q.shape[1], b.shape[1], d.shape[1]
+    n, nbs, nd, fill = q.shape[1], b.shape[1], d.shape[1], dg.shape[0] > 0
     for r in prange(wg.shape[0]):
         accf = _stack(GLU_LANES, F32)
         for l in range(16 * T):
@@ -204,6 +208,9 @@ def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.
         for j in range(T):
             g[j, r] = simd.hsum(accf, 16 * j)
             u[j, r] = simd.hsum(accf, 16 * j + 8)
+        if fill:
+            simd.copy(dg, r * rb, wg, r * rb, rb)
+            simd.copy(du, r * rb, wu, r * rb, rb)
     silu_mul(g, u)
 
 
@@ -241,8 +248,9 @@ def _mm_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.nd
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    _mv_k(w, q, d, b32, out, 176, 8, simd.q5_k_block1)
+def mv_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray,
+          dst: np.ndarray) -> None:
+    _mv_k(w, q, d, b32, out, dst, 176, 8, simd.q5_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -251,8 +259,9 @@ def mm_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: n
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
-    _mv_k(w, q, d, b16, out, 210, 16, simd.q6_k_block1)
+def mv_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray,
+          dst: np.ndarray) -> None:
+    _mv_k(w, q, d, b16, out, dst, 210, 16, simd.q6_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -261,8 +270,9 @@ def mm_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: n
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_q2_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
-    _mv_k(w, q, d, b16, out, 84, 16, simd.q2_k_block1)
+def mv_q2_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray,
+          dst: np.ndarray) -> None:
+    _mv_k(w, q, d, b16, out, dst, 84, 16, simd.q2_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -276,8 +286,9 @@ def mm_q2_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: n
 # so a block's d and s are one element each (the drivers' `bpb` is 1, its activation block 32).
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_q8_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
-    _mv_k(w, q, d, s, out, 34, 1, simd.q8_0_block1, 32)
+def mv_q8_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray,
+          dst: np.ndarray) -> None:
+    _mv_k(w, q, d, s, out, dst, 34, 1, simd.q8_0_block1, 32)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -286,8 +297,9 @@ def mm_q8_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
-    _mv_k(w, q, d, s, out, 18, 1, simd.q4_0_block1, 32)
+def mv_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray,
+          dst: np.ndarray) -> None:
+    _mv_k(w, q, d, s, out, dst, 18, 1, simd.q4_0_block1, 32)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -299,38 +311,38 @@ def mm_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q2_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
-                u: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, 84, 16, simd.q2_k_block1)
+                u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 84, 16, simd.q2_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q4_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
-              u: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, 144, 8, simd.q4_k_block1)
+              u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 144, 8, simd.q4_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q5_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
-              u: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, 176, 8, simd.q5_k_block1)
+              u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 176, 8, simd.q5_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q6_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
-              u: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, 210, 16, simd.q6_k_block1)
+              u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 210, 16, simd.q6_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q8_0(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
-              u: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, 34, 1, simd.q8_0_block1, 32)
+              u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 34, 1, simd.q8_0_block1, 32)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q4_0(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
-              u: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, 18, 1, simd.q4_0_block1, 32)
+              u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 18, 1, simd.q4_0_block1, 32)
 
 
 # ---- dispatch ----
@@ -350,14 +362,22 @@ GLU: dict[QType, Callable] = {QType.Q2_K: mv_glu_q2_k, QType.Q4_K: mv_glu_q4_k, 
                               QType.Q8_0: mv_glu_q8_0, QType.Q4_0: mv_glu_q4_0} if simd.AVAILABLE else {}
 
 
-def product(w: np.ndarray, qtype: QType, a: Acts, out: np.ndarray) -> None:
-    """out (rows_x, rows) = the activations bound to `a` times w.T, in integers; `qtype` must be in KERNELS."""
+NO_FILL = np.zeros((0, 0), dtype=np.uint8)   # a kernel's dst when no arena slot is being filled
+
+
+def product(w: np.ndarray, qtype: QType, a: Acts, out: np.ndarray, dst: np.ndarray = NO_FILL) -> None:
+    """out (rows_x, rows) = the activations bound to `a` times w.T, in integers; `qtype` must be in KERNELS. With
+    one activation row, a dst of w's shape (writable bytes) gets w's rows as they are read (else copy w first)."""
     _, mv, mm = KERNELS[qtype]
-    (mv if a.rows == 1 else mm)(w, *a.operands(qtype), out)
+    if a.rows == 1:
+        mv(w, *a.operands(qtype), out, dst)
+    else:
+        mm(w, *a.operands(qtype), out)
 
 
-def swiglu_product(wg: np.ndarray, wu: np.ndarray, qtype: QType, a: Acts, g: np.ndarray, u: np.ndarray) -> None:
+def swiglu_product(wg: np.ndarray, wu: np.ndarray, qtype: QType, a: Acts, g: np.ndarray, u: np.ndarray,
+                   dg: np.ndarray = NO_FILL, du: np.ndarray = NO_FILL) -> None:
     """g (n, rows) = silu(x . wg.T) * (x . wu.T) for the n <= FEW activation rows bound to `a`, u (n, rows) its
     room for the up product (ggml_vec_swiglu_f32's values, as product then silu_mul give them); `qtype`, both
-    matrices', must be in GLU."""
-    GLU[qtype](wg, wu, *a.operands(qtype), g, u)
+    matrices', must be in GLU. dg and du (writable, of wg's shape) get the weights' rows as they are read."""
+    GLU[qtype](wg, wu, *a.operands(qtype), g, u, dg, du)

@@ -337,3 +337,19 @@ def prefetch(typingctx: Any, w: Any, off: Any) -> Any:
         builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
         return context.get_dummy_value()
     return sig, codegen
+
+
+@intrinsic
+def copy(typingctx: Any, dst: Any, doff: Any, src: Any, soff: Any, n: Any) -> Any:
+    """dst's bytes doff:doff+n = src's bytes soff:soff+n (llvm.memcpy; the two never overlap): a weight row that a
+    kernel has just read, written on to an arena slot while it is still in the cache."""
+    sig = types.void(dst, doff, src, soff, n)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        d = context.make_array(sig.args[0])(context, builder, args[0]).data
+        s = context.make_array(sig.args[2])(context, builder, args[2]).data
+        dp = builder.bitcast(builder.gep(d, [args[1]]), _I8.as_pointer())
+        sp = builder.bitcast(builder.gep(s, [args[3]]), _I8.as_pointer())
+        cgutils.raw_memcpy(builder, dp, sp, args[4], 1)
+        return context.get_dummy_value()
+    return sig, codegen

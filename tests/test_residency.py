@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from hotcold.engine.gguf_file import GGUFError
 from hotcold.engine.experts.cache import ExpertCache
-from hotcold.engine.experts.expert import Expert
+from hotcold.engine.experts.expert import Expert, Filling
 from hotcold.engine.experts.rules import Budget, MissCost, MissMode, Tier, eras_bias, miss_tiers
 from hotcold.engine.moe import Routing, SelectionBias, route
 from hotcold.engine.options import Options
@@ -161,9 +161,44 @@ def test_arena_copy_is_the_hot_expert() -> None:
     c = _cache("100%")
     plan = c.prepare(1, _routing([[3, 2]]))
     for e in (2, 3):
-        for a, b in zip((plan.experts[e].gate, plan.experts[e].up, plan.experts[e].down),
-                        (c.hot[1][e].gate, c.hot[1][e].up, c.hot[1][e].down)):
+        # a decode miss computes from the file's bytes and fills its slot as it goes (or on the slot's first wait)
+        assert isinstance(plan.experts[e], Filling) and plan.experts[e].slot is c.arena.experts[(1, e)]
+        resident = c.arena.experts[(1, e)]
+        assert not resident.ready.done()
+        resident.ready.wait()
+        assert resident.ready.done()
+        for a, b in zip((resident.gate, resident.up, resident.down), (c.hot[1][e].gate, c.hot[1][e].up, c.hot[1][e].down)):
             assert np.array_equal(a.raw, b.raw) and not np.shares_memory(a.raw, b.raw)
+    batch = c.prepare(0, _routing([[0, 1], [1, 2]]))                   # a batch's misses are copied at once
+    assert all(type(batch.experts[e]) is Expert and batch.experts[e].ready.done() for e in (0, 1, 2))
+
+
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_K, QType.F32])
+def test_filling_expert_computes_and_fills_its_slot(qtype: QType) -> None:
+    """The fused kernels write every weight row on to the slot while computing, with the plain product's values;
+    a type without them (F32) copies first. Either way the slot then holds the expert and needs no copy."""
+    from hotcold.engine.backend import CpuBackend
+    from hotcold.engine.config import Activation
+    from hotcold.engine.context import FFNScratch
+    rng = np.random.default_rng(3)
+    n_embd, n_ff = 256, 512
+    hot = [[Expert(_matrix(rng, n_ff, n_embd, qtype), _matrix(rng, n_ff, n_embd, qtype),
+                   _matrix(rng, n_embd, n_ff, qtype)) for _ in range(2)]]
+    c = ExpertCache(hot, Options.parse(expert_budget="50%", cache_policy="lru", miss="hot"))
+    be = CpuBackend()
+    x = rng.standard_normal((1, n_embd), dtype=np.float32)
+    scratch = FFNScratch(be, 1, n_embd, n_ff)
+    want, got = np.zeros((1, n_embd), np.float32), np.zeros((1, n_embd), np.float32)
+    be.glu(hot[0][1], be.acts(x, be.new_acts(1, n_embd)), scratch, want, Activation.SILU)
+    plan = c.prepare(0, _routing([[1]]))
+    e = plan.experts[1]
+    assert isinstance(e, Filling) and not e.slot.ready.done()
+    assert not any(m.raw.any() for m in (e.slot.gate, e.slot.up, e.slot.down))    # nothing copied yet
+    be.glu(e, be.acts(x, be.new_acts(1, n_embd)), scratch, got, Activation.SILU)
+    assert e.slot.ready.done()
+    np.testing.assert_array_equal(got, want)
+    for m, src in zip((e.slot.gate, e.slot.up, e.slot.down), (hot[0][1].gate, hot[0][1].up, hot[0][1].down)):
+        assert np.array_equal(m.raw, src.raw)
 
 
 def test_selected_experts_are_not_evicted_by_their_own_layer() -> None:
@@ -323,3 +358,17 @@ def test_cold_file_missing_or_foreign_is_a_clear_error(trained_q8: Path, tmp_pat
     with pytest.raises(GGUFError, match="cold copies of different experts.*re-convert them together"):
         _load(trained_q8, expert_budget="25%", miss="cold", cold_path=other.cold_path)
     assert MissMode("adaptive") is MissMode.ADAPTIVE
+
+
+def test_a_budget_of_every_expert_in_ram_serves_the_files_pages() -> None:
+    """CPU: at 100% the arena is the mapped file itself (nothing copied, nothing held twice); below it, slots."""
+    from hotcold.engine.backend import CpuBackend
+    from hotcold.engine.experts.arena import MappedArena
+    hot = _experts(2, 4, QType.Q8_0)
+    full = CpuBackend().expert_cache(hot, Options.parse(expert_budget="100%"), None, None)
+    assert isinstance(full.arena, MappedArena) and full.arena.buf.nbytes == 0
+    plan = full.prepare(1, _routing([[3, 2]]))
+    assert plan.experts[3] is hot[1][3] and full.stats[1].loads == 2
+    assert full.prepare(1, _routing([[2, 3]])).experts[2] is hot[1][2] and full.stats[1].hits == 2
+    half = CpuBackend().expert_cache(hot, Options.parse(expert_budget="50%"), None, None)
+    assert type(half.arena) is not MappedArena and half.arena.buf.nbytes == 4 * half.arena.slot_bytes

@@ -86,6 +86,7 @@ class Uploader:
 class CudaArena(Arena):
     """The Arena's slots in one counted device allocation, plus `stage_slots` slots of `stage_bytes` for
     cold copies uploaded for the current layer (stage() until begin() starts the next)."""
+    fills_while_computing = False
 
     def __init__(self, n_slots: int, slot_bytes: int, n_layer: int, n_expert: int, gpu: Gpu, stage_slots: int = 0,
                  stage_bytes: int = 0) -> None:

@@ -7,18 +7,22 @@ puts the buffer in VRAM by overriding `_allocate` and `_place`.
 from __future__ import annotations
 
 import mmap
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ..kernels import copy_expert
 from ..weights import QMatrix
-from .expert import DONE, Expert
+from .expert import DONE, Expert, Fill, Filling
 from .policies import Key
+
+
+_MADV_POPULATE_WRITE = 23
 
 
 class Arena:
     """`n_slots` slots of `slot_bytes` for the experts of `n_layer` x `n_expert`; never grows."""
+    fills_while_computing: ClassVar[bool] = True   # load_filling: the slot written by the expert's first compute
 
     def __init__(self, n_slots: int, slot_bytes: int, n_layer: int, n_expert: int) -> None:
         self.slot_bytes = slot_bytes
@@ -40,13 +44,15 @@ class Arena:
         m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         try:
             m.madvise(mmap.MADV_HUGEPAGE)
+            m.madvise(_MADV_POPULATE_WRITE)
         except (AttributeError, OSError):
             pass
         return np.frombuffer(m, dtype=np.uint8).reshape(n_slots, slot_bytes)
 
     def _view(self, slot: int, src: Expert) -> Expert:
         """`slot` as an Expert laid out like `src`, made once per layout (every expert of a layer shares one)."""
-        layout = tuple((m.qtype, m.rows, m.cols, m.raw.shape) for m in (src.gate, src.up, src.down))
+        g, u, d = src.gate, src.up, src.down
+        layout = (g.qtype, g.raw.shape, u.qtype, u.raw.shape, d.qtype, d.raw.shape, g.cols, d.cols)
         view = self._views.get((slot, layout))
         if view is None:
             mats, off = [], 0
@@ -98,6 +104,17 @@ class Arena:
         self.experts[key] = self._place(slot, src)
         return self.experts[key]
 
+    def load_filling(self, key: Key, src: Expert) -> Expert:
+        """Take a free slot for `src` without copying: the result computes from `src` and writes the slot as it
+        reads (Filling); the slot's expert is ready once that is done. `src`'s matrices must be C-contiguous (the
+        kernels write rows at their offsets)."""
+        slot = self.free.pop()
+        view = self._view(slot, src)
+        self.slot_of[key] = slot
+        self.mask[key] = True
+        self.experts[key] = resident = Expert(view.gate, view.up, view.down, ready=Fill(src, view))
+        return Filling(src.gate, src.up, src.down, slot=resident)
+
     def failed(self) -> list[Key]:
         """Residents whose load failed (a disk read): the store drops them before it trusts the arena again."""
         return []
@@ -106,6 +123,24 @@ class Arena:
         self.free.append(self.slot_of.pop(key))
         self.mask[key] = False
         del self.experts[key]
+
+
+class MappedArena(Arena):
+    """A RAM budget that holds every expert of a file mapped in RAM: the slots are the file's own pages, so a load
+    copies nothing. A copy would only hold the same bytes twice (llama.cpp's mmap serves them the same way)."""
+    fills_while_computing = False
+
+    def _allocate(self, n_slots: int, slot_bytes: int) -> Any:
+        return np.empty((n_slots, 0), dtype=np.uint8)
+
+    def _place(self, slot: int, src: Expert) -> Expert:
+        return src
+
+
+def ram_arena(n_slots: int, slot_bytes: int, n_layer: int, n_expert: int, n_experts: int) -> Arena:
+    """The CPU's hot arena for `n_experts` experts in all: the file's pages where the budget holds them all
+    (MappedArena), else `n_slots` slots of their own."""
+    return (MappedArena if n_slots >= n_experts else Arena)(n_slots, slot_bytes, n_layer, n_expert)
 
 
 def _warm_copy() -> None:
@@ -118,6 +153,7 @@ def _warm_copy() -> None:
 class DiskArena(Arena):
     """The arena filled from the disk tier: a load queues a read of the expert's file bytes into its slot on
     the reader's threads and hands out the slot with the read as its readiness (experts.disk)."""
+    fills_while_computing = False
 
     def __init__(self, n_slots: int, slot_bytes: int, n_layer: int, n_expert: int, disk: Any = None) -> None:
         super().__init__(n_slots, disk.slot_bytes(), n_layer, n_expert)   # whole pages per matrix for O_DIRECT

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ..moe import Plan, Routing, SelectionBias
+from .ahead import Ahead, AheadStats
 from .arena import Arena, DiskArena
 from .disk import StagedCold
 from .expert import Expert
@@ -55,6 +56,15 @@ class ExpertCache:
         self._cold_while_loading = (self._disk and cold is not None and options.miss != MissMode.HOT
                                     and n_slots < len(all_experts))
         self.background = background
+        # a decode miss is copied by its own computation (RAM arena, contiguous sources: the fused kernels)
+        self._fill = self.arena.fills_while_computing and all(
+            m.raw.flags.c_contiguous for e in all_experts for m in (e.gate, e.up, e.down))
+        self._nbytes = [[e.nbytes for e in layer] for layer in hot]
+        self._plain_begin = type(self.arena).begin is Arena.begin and type(self.arena).failed is Arena.failed \
+            and not isinstance(cold, StagedCold)                              # nothing to recycle per layer
+        self.ahead: Ahead | None = None                                     # eMoE: experts loaded before a prompt
+        self._protected: set[Key] = set()                                   # the prompt's predicted experts
+        self.miss = options.miss                                            # the mode for this prompt's misses
 
     @property
     def budget_bytes(self) -> int:
@@ -142,7 +152,7 @@ class ExpertCache:
             return Plan(dict(zip(ids, found)), w)
         resident = self.arena.slot_of
         hit = [(layer, e) in resident for e in ids]
-        tiers = [Tier.HOT] * len(ids) if self.opt.miss == MissMode.HOT else self._tiers(w)[0].tolist()
+        tiers = [Tier.HOT] * len(ids) if self.miss == MissMode.HOT else self._tiers(w)[0].tolist()
         n_hit = sum(hit)
         st.hits += n_hit
         st.misses += len(ids) - n_hit
@@ -165,7 +175,7 @@ class ExpertCache:
                 experts[e] = self.arena.experts[key]
             elif (tier == Tier.HOT or self.arena.free) and not self._cold_while_loading:
                 self.policy.use(key, hit=False)                              # a free slot costs no eviction
-                experts[e] = self._load(key, pinned) or self._stream(layer, e)
+                experts[e] = self._load(key, pinned, computing=True) or self._stream(layer, e)
                 pinned.add(key)
             else:
                 self.policy.use(key, hit=False, hot=False)
@@ -189,10 +199,31 @@ class ExpertCache:
     def new_sequence(self) -> None:
         self.policy.new_sequence()
 
+    def begin_prompt(self, ids: Sequence[int], task: str | None = None) -> None:
+        """eMoE, before the prefill: load the prompt's predicted experts, evicting unpredicted ones first, and keep
+        them ahead of the others while it runs; an insensitive task's misses are served cold (with cold copies)."""
+        if self.ahead is None:
+            return
+        pre = self.ahead.plan(ids, task, self.arena.n_slots)
+        self.miss = MissMode.COLD if pre.cold and self.cold else self.opt.miss
+        self._protected = set()
+        if pre.mask is None:
+            return
+        keys = [(int(l), int(e)) for l, e in zip(*np.nonzero(pre.mask))]
+        self._protected = set(keys)
+        for key in keys:
+            if key in self.arena:
+                continue
+            if self._load(key, self._protected) is None:
+                break
+            self.stats[key[0]].preloaded += 1
+
     # --- internals -----------------------------------------------------------------------------------------
 
     def _begin(self) -> None:
         """A layer's batch starts: staging slots are free again, failed disk reads are forgotten."""
+        if self._plain_begin:
+            return
         self.arena.begin()
         if isinstance(self.cold, StagedCold):
             self.cold.begin()
@@ -208,26 +239,31 @@ class ExpertCache:
                 pinned.add(key)
 
     def _tiers(self, weights: np.ndarray) -> np.ndarray:
-        if self.opt.miss == MissMode.HOT:
+        if self.miss == MissMode.HOT:
             return np.full(weights.shape, Tier.HOT, dtype=np.int8)
-        if self.opt.miss == MissMode.COLD:
+        if self.miss == MissMode.COLD:
             return np.full(weights.shape, Tier.COLD, dtype=np.int8)
         return miss_tiers(weights, self.opt.miss_t1, self.opt.miss_t2)
 
-    def _load(self, key: Key, pinned: set[Key]) -> Expert | None:
-        """Bring `key`'s hot copy into the arena, evicting an unpinned resident if full; None if nothing can go."""
+    def _load(self, key: Key, pinned: set[Key], computing: bool = False) -> Expert | None:
+        """Bring `key`'s hot copy into the arena, evicting an unpinned resident if full; None if nothing can go.
+        `computing`: the result is computed with at once, so a RAM arena leaves the copy to that computation."""
         if not self.arena.free:
-            victim = self.policy.victim(self.arena.slot_of, pinned, key[0])
+            victim = None
+            if self._protected and pinned is not self._protected:                # unpredicted residents go first
+                victim = self.policy.victim(self.arena.slot_of, pinned | self._protected, key[0])
+            if victim is None:
+                victim = self.policy.victim(self.arena.slot_of, pinned, key[0])
             if victim is None:
                 return None
             self.arena.drop(victim)
             self.policy.evicted(victim)
         src = self.hot[key[0]][key[1]]
-        expert = self.arena.load(key, src)
+        expert = self.arena.load_filling(key, src) if computing and self._fill else self.arena.load(key, src)
         self.policy.insert(key)
         st = self.stats[key[0]]
         st.loads += 1
-        st.bytes_moved += src.nbytes
+        st.bytes_moved += self._nbytes[key[0]][key[1]]
         return expert
 
     def _cold(self, layer: int, e: int, tokens: int) -> Expert:
@@ -281,6 +317,8 @@ class ExpertCache:
         total.update(disk_bytes=sum(r.bytes_read for r in readers), disk_reads=sum(r.reads for r in readers),
                      stall_s=sum(r.stall_s for r in readers), cold_resident=bool(self.cold) and
                      not isinstance(self.cold, StagedCold))
+        a = self.ahead.stats if self.ahead is not None else AheadStats()
+        total.update(predictions=a.predictions, prediction_reuses=a.reuses, insensitive_prompts=a.insensitive)
         total.update(budget_bytes=self.budget_bytes, slots=self.arena.n_slots, resident=len(self.arena.slot_of),
                      policy_hits=self.policy.hits, policy_misses=self.policy.misses,
                      layers=layers, activations=self.activations.tolist())
@@ -290,6 +328,8 @@ class ExpertCache:
         self.stats = [LayerStats() for _ in range(self.n_layer)]
         self.activations[:] = 0
         self._predicted = [None] * self.n_layer
+        if self.ahead is not None:
+            self.ahead.reset_stats()
         for r in self._readers():
             r.reset_stats()
 
@@ -300,6 +340,10 @@ class ExpertCache:
             self.arena.drop(key)
         self.policy = make_policy(self.opt.cache_policy, self.n_layer)
         self._in_use = set()
+        self._protected = set()
+        self.miss = self.opt.miss
+        if self.ahead is not None:
+            self.ahead.forget()
         self.reset_stats()
 
     def cold_samples(self) -> list[Expert]:
