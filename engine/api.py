@@ -17,7 +17,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numba
 import numpy as np
@@ -25,11 +25,13 @@ from gguf import Keys
 
 from hotcold.keys import cold_path_for
 from hotcold.quant import QType
+from hotcold.quant.dequant import dequantize_rows
 
 from .backend import Backend, CpuBackend, finite_extremes
 from .chat import ChatTemplate
 from .completion import Completion, token_logprobs
 from .context import Context
+from .experts.ahead import Ahead
 from .experts.cache import ExpertCache
 from .experts.cold import cold_experts, open_cold
 from .experts.disk import StagedCold, expert_extents
@@ -41,8 +43,12 @@ from .config import CacheType
 from .gguf_file import GGUFFile
 from .model import Transformer
 from .options import Device, Options
+from .predictor import Predictor
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .trace import Traces
 
 
 def kernels_uncached() -> bool:
@@ -118,6 +124,7 @@ class Model:
         self.cache: ExpertCache | None = self._expert_cache(opt) if opt.residency else None
         if self.cache is not None:
             self.ctx.experts = self.cache
+        self.predictor: Predictor | None = self._predictor(opt) if opt.predictor is not None else None
         self.tokenizer = Tokenizer.from_metadata(self.metadata)
         self.seed = opt.seed
         self._warmup()
@@ -212,6 +219,42 @@ class Model:
             print(f"cold miss cost: GPU {c.gpu_s[0] * 1e3:.3f}/{c.gpu_s[1] * 1e3:.3f} ms, CPU {c.cpu_s[0] * 1e3:.3f}/"
                   f"{c.cpu_s[1] * 1e3:.3f} ms for 1/{c.n} tokens", file=sys.stderr)
         return cache
+
+    def _predictor(self, opt: Options) -> Predictor:
+        """The expert predictor of --predictor, checked against this model, driving the cache before each prompt."""
+        pred = Predictor.load(opt.predictor)
+        cfg = self.model.cfg
+        pred.check_model(cfg.n_embd, tuple(i for i, m in enumerate(cfg.moe_layers) if m), cfg.n_expert, self.path.name)
+        assert self.cache is not None   # a predictor turns residency on
+        self.cache.ahead = Ahead(pred, self.prompt_features, cfg.n_layer, cfg.n_expert_used, opt.predict_every)
+        return pred
+
+    def prompt_features(self, ids: Sequence[int]) -> np.ndarray:
+        """(n_embd,) float32: the mean of the prompt's token embeddings, the expert predictor's input (eMoE-A)."""
+        ids = np.asarray([int(t) for t in ids], dtype=np.int64)
+        if not len(ids):
+            raise ValueError("prompt_features needs at least one token")
+        self._check_ids(ids.tolist())
+        emb = self.model.token_embd
+        out = np.empty((len(ids), emb.cols), dtype=np.float32)
+        return dequantize_rows(emb.raw, emb.qtype, ids, out).mean(0)
+
+    def predict_experts(self, ids: Sequence[int], task: str | None = None) -> np.ndarray | None:
+        """(n_layer, n_expert) bool: the experts the predictor would load for this prompt with this arena (None
+        without a predictor, or for a task it skips)."""
+        if self.predictor is None or self.cache is None or not self.predictor.sensitive(task):
+            return None
+        slots = self.cache.arena.n_slots // max(len(self.predictor.layers), 1)
+        return self.cache.ahead.mask(ids, task, slots)
+
+    def predicted_output_tokens(self, task: str | None = None) -> float | None:
+        """Tokens a request of `task` is expected to generate, from the predictor's traces (None without one)."""
+        return None if self.predictor is None else self.predictor.output_tokens_for(task)
+
+    def trace(self, prompts: Sequence[str | Mapping[str, str]], max_tokens: int = 32) -> "Traces":
+        """Expert traces of greedy generations of `prompts` (strings or {"prompt", "task"}), as moe-trace writes."""
+        from .trace import trace
+        return trace(self, prompts, max_tokens)
 
     def _disk_cache(self, opt: Options) -> ExpertCache:
         """Under a RAM budget: experts read from disk into the hot arena, cold copies resident or read from disk,
@@ -434,9 +477,10 @@ class Model:
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                  repeat_last_n: int = 64, seed: int | None = None, stop: str | Sequence[str] | None = None,
-                 ignore_eos: bool = False, add_bos: bool = True,
+                 ignore_eos: bool = False, add_bos: bool = True, task: str | None = None,
                  _logprobs: tuple[list, int] | None = None) -> Iterator[str]:
         """Yield the completion of `prompt` piece by piece (stops on EOS/EOT, a stop string, or max_tokens).
+        `task` labels the prompt for an expert predictor (eMoE: some tasks are not predicted for).
         `_logprobs` (completions' logprobs): a list that gets (token, its logprob, the n best (token, logprob))
         for each generated token, n the tuple's second item."""
         with self._exclusive():   # released when the generator finishes, is closed or is collected
@@ -452,6 +496,7 @@ class Model:
             if _logprobs is not None:
                 comp.logprobs = _logprobs[0]
             t0 = time.perf_counter()
+            self.ctx.experts.begin_prompt(ids, task)
             logits = self._check_logits(self._eval(ids)[-1])
             t1 = time.perf_counter()
             runs, eval_s = 0, 0.0

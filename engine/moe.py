@@ -80,6 +80,9 @@ class ExpertStore(Protocol):
 
     def new_sequence(self) -> None: ...
 
+    def begin_prompt(self, ids: Sequence[int], task: str | None = None) -> None:
+        """A prompt (of a task label, if given) is about to be prefilled: eMoE's moment to load its experts."""
+
     def report(self) -> dict[str, Any]: ...
 
     def reset_stats(self) -> None: ...

@@ -91,6 +91,7 @@ class Predictor:
     model: str = ""
     prior: np.ndarray | None = None   # (L, E) the training prompts' mean usage (layer 0 of FIRST and PREV)
     tasks: Mapping[str, TaskInfo] = field(default_factory=dict)
+    mean_output_tokens: float = 0.0   # tokens the training prompts generated, on average
 
     # --- prediction --------------------------------------------------------------------------------------
 
@@ -130,6 +131,11 @@ class Predictor:
         info = self.task(task)
         return None if info is None else info.output_tokens
 
+    def output_tokens_for(self, task: str | None) -> float:
+        """The tokens a prompt of `task` is expected to generate: its task's mean, else all prompts'."""
+        n = self.output_tokens(task)
+        return self.mean_output_tokens if n is None else n
+
     def with_tasks(self, tasks: Mapping[str, TaskInfo]) -> "Predictor":
         return replace(self, tasks=dict(tasks))
 
@@ -145,7 +151,7 @@ class Predictor:
             arrays["prior"] = self.prior
         meta = dict(version=VERSION, kind=self.kind.value, net=self.net.value, heads=len(self.heads),
                     layers=list(self.layers), n_expert=self.n_expert, n_embd=self.n_embd, model=self.model,
-                    tasks={k: vars(v) for k, v in self.tasks.items()})
+                    tasks={k: vars(v) for k, v in self.tasks.items()}, mean_output_tokens=self.mean_output_tokens)
         tmp = path.with_name(path.name + ".part")
         try:
             with open(tmp, "wb") as f:
@@ -168,7 +174,8 @@ class Predictor:
             p = cls(Kind(meta["kind"]), Net(meta["net"]), heads, tuple(int(l) for l in meta["layers"]),
                     int(meta["n_expert"]), int(meta["n_embd"]), str(meta.get("model", "")),
                     a["prior"].astype(np.float64) if "prior" in a else None,
-                    {str(k): TaskInfo(**v) for k, v in meta.get("tasks", {}).items()})
+                    {str(k): TaskInfo(**v) for k, v in meta.get("tasks", {}).items()},
+                    float(meta.get("mean_output_tokens", 0.0)))
         except FileNotFoundError:
             raise PredictorError(f"{path}: no such predictor (make one with moe-predictor train TRACES -o {path})")
         except PredictorError:
@@ -228,7 +235,7 @@ def train(traces: Traces, kind: Kind = Kind.EMBED, net: Net = Net.LOGISTIC, hidd
         sel = traces.tasks == name
         tasks[name] = TaskInfo(int(sel.sum()), float(out_tokens[sel].mean()))
     return Predictor(kind, net, heads, tuple(int(l) for l in traces.layers), traces.n_expert,
-                     traces.features.shape[1], traces.model, prior, tasks)
+                     traces.features.shape[1], traces.model, prior, tasks, float(out_tokens.mean()))
 
 
 def _fit(x: np.ndarray, y: np.ndarray, net: Net, hidden: int, steps: int, lr: float | None, decay: float,

@@ -43,6 +43,9 @@ class MmapExperts:
     def new_sequence(self) -> None:
         pass
 
+    def begin_prompt(self, ids: Sequence[int], task: str | None = None) -> None:
+        pass
+
     def report(self) -> dict[str, Any]:
         return plain_report()
 

@@ -16,6 +16,7 @@ class LayerStats:
     loads: int = 0         # hot copies brought into the arena (misses and prefetches)
     bytes_moved: int = 0   # bytes of hot copies loaded plus cold copies computed with
     prefetched: int = 0    # hot copies loaded ahead by prefetch
+    preloaded: int = 0     # hot copies loaded before a prompt, as its predictor said (eMoE)
     predicted: int = 0     # selections the prefetch predictor had a prediction for
     predicted_right: int = 0
 
@@ -24,5 +25,6 @@ def plain_report() -> dict[str, Any]:
     """What expert_stats() returns when no cache is configured: nothing counted."""
     total: dict[str, Any] = dict.fromkeys(asdict(LayerStats()), 0)
     total.update(prefetch_accuracy=None, layers=[], activations=[], budget_bytes=None, disk_bytes=0, disk_reads=0,
-                 stall_s=0.0, cold_resident=False, hit_rate={"hot": None, "cold": None, "disk": None})
+                 stall_s=0.0, cold_resident=False, predictions=0, prediction_reuses=0,
+                 insensitive_prompts=0, hit_rate={"hot": None, "cold": None, "disk": None})
     return total
