@@ -150,7 +150,7 @@ def mv_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: n
 def mm_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
     """out[t, r] = row r of Q4_K w . activation row t, for activations (T, .); tiles of MR weight rows x MT
     activation rows, each weight block decoded once for the MT rows (the last tile overlaps the one before)."""
-    _mm_k(w, q, d, b32, out, 144, 8, simd.q4_k_block1, simd.q4_k_block4)
+    _mm_k(w, q, d, b32, out, 144, 8, simd.q4_k_block1, simd.q4_k_block2, simd.q4_k_block4)
 
 
 # ---- Q5_K and Q6_K x Q8_K ----
@@ -186,8 +186,26 @@ def _mv_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.nd
 
 
 @njit(cache=True, inline="always")
+def _rows_block(accf: np.ndarray, fo: int, w: np.ndarray, o: int, q: np.ndarray, qo: int, n: int, b: np.ndarray,
+                bo: int, nbs: int, d: np.ndarray, do: int, nd: int, T: int, block1: Callable, block2: Callable,
+                block4: Callable) -> None:
+    """accf[fo + 8t : fo + 8t + 8] += the weight block at byte o . activation row t's block, for t < T (up to FEW):
+    the weights decoded once for each 4, then 2, then 1 rows; every row's sum is the one-row block's."""
+    j = 0
+    while j + 4 <= T:
+        block4(accf, fo + 8 * j, w, o, q, qo + j * n, n, b, bo + j * nbs, nbs, d, do + j * nd, nd)
+        j += 4
+    if j + 2 <= T:
+        block2(accf, fo + 8 * j, w, o, q, qo + j * n, n, b, bo + j * nbs, nbs, d, do + j * nd, nd)
+        j += 2
+    if j < T:
+        block1(accf, fo + 8 * j, w, o, q, qo + j * n, 0, b, bo + j * nbs, 0, d, do + j * nd, 0)
+
+
+@njit(cache=True, inline="always")
 def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray, u: np.ndarray,
-            dg: np.ndarray, du: np.ndarray, ts: int, bpb: int, block1: Callable, qk: int = 256) -> None:
+            dg: np.ndarray, du: np.ndarray, ts: int, bpb: int, block1: Callable, block2: Callable, block4: Callable,
+            qk: int = 256) -> None:
     """g[t] = silu(wg . x_t) * (wu . x_t) for up to FEW activation rows x_t: SwiGLU's gate and up in one parallel
     pass (each sum in _mv_k's order: the same values whatever the rows), then ggml's SwiGLU over the rows once
     (a call per row costs more than the row's dot products). dg and du, if not empty, get wg's and wu's rows as
@@ -196,18 +214,18 @@ def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.
     n, nbs, nd, fill = q.shape[1], b.shape[1], d.shape[1], dg.shape[0] > 0
     for r in prange(wg.shape[0]):
         accf = _stack(GLU_LANES, F32)
-        for l in range(16 * T):
+        for l in range(8 * T):
             accf[l] = 0
+            accf[8 * FEW + l] = 0
         for k in range(nb):
             o = r * rb + k * ts
             _prefetch(wg, o, ts)
             _prefetch(wu, o, ts)
-            for j in range(T):
-                block1(accf, 16 * j, wg, o, q, j * n + k * qk, 0, b, j * nbs + k * bpb, 0, d, j * nd + k, 0)
-                block1(accf, 16 * j + 8, wu, o, q, j * n + k * qk, 0, b, j * nbs + k * bpb, 0, d, j * nd + k, 0)
+            _rows_block(accf, 0, wg, o, q, k * qk, n, b, k * bpb, nbs, d, k, nd, T, block1, block2, block4)
+            _rows_block(accf, 8 * FEW, wu, o, q, k * qk, n, b, k * bpb, nbs, d, k, nd, T, block1, block2, block4)
         for j in range(T):
-            g[j, r] = simd.hsum(accf, 16 * j)
-            u[j, r] = simd.hsum(accf, 16 * j + 8)
+            g[j, r] = simd.hsum(accf, 8 * j)
+            u[j, r] = simd.hsum(accf, 8 * FEW + 8 * j)
         if fill:
             simd.copy(dg, r * rb, wg, r * rb, rb)
             simd.copy(du, r * rb, wu, r * rb, rb)
@@ -216,7 +234,7 @@ def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.
 
 @njit(cache=True, inline="always")
 def _mm_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray, ts: int, bpb: int,
-          block1: Callable, block4: Callable, qk: int = 256) -> None:
+          block1: Callable, block2: Callable, block4: Callable, qk: int = 256) -> None:
     """out[t, r] for activations (T, .): tiles of MR weight rows x MT activation rows, each weight block decoded
     once for the MT rows (the last tile overlaps the one before); up to FEW rows go one at a time through each
     block, in the one-row kernel's order (the same sums: a row's result does not depend on the batch)."""
@@ -240,9 +258,8 @@ def _mm_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.nd
                 else:                                # a few rows (a decode batch): each block for all of them
                     for k in range(nb):
                         _prefetch(w, r * rb + k * ts, ts)
-                        for j in range(T):
-                            block1(accf, 8 * j, w, r * rb + k * ts, q, j * n + k * qk, 0, b,
-                                   j * nbs + k * bpb, 0, d, j * nd + k, 0)
+                        _rows_block(accf, 0, w, r * rb + k * ts, q, k * qk, n, b, k * bpb, nbs, d, k, nd, T,
+                                    block1, block2, block4)
                     for j in range(T):
                         out[j, r] = simd.hsum(accf, 8 * j)
 
@@ -255,7 +272,7 @@ def mv_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: n
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, b32, out, 176, 8, simd.q5_k_block1, simd.q5_k_block4)
+    _mm_k(w, q, d, b32, out, 176, 8, simd.q5_k_block1, simd.q5_k_block2, simd.q5_k_block4)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -266,7 +283,7 @@ def mv_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: n
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, b16, out, 210, 16, simd.q6_k_block1, simd.q6_k_block4)
+    _mm_k(w, q, d, b16, out, 210, 16, simd.q6_k_block1, simd.q6_k_block2, simd.q6_k_block4)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -277,7 +294,7 @@ def mv_q2_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: n
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q2_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, b16, out, 84, 16, simd.q2_k_block1, simd.q2_k_block4)
+    _mm_k(w, q, d, b16, out, 84, 16, simd.q2_k_block1, simd.q2_k_block2, simd.q2_k_block4)
 
 
 # ---- Q8_0 and Q4_0 x Q8_0 ----
@@ -293,7 +310,7 @@ def mv_q8_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q8_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, s, out, 34, 1, simd.q8_0_block1, simd.q8_0_block4, 32)
+    _mm_k(w, q, d, s, out, 34, 1, simd.q8_0_block1, simd.q8_0_block2, simd.q8_0_block4, 32)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -304,7 +321,7 @@ def mv_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, s, out, 18, 1, simd.q4_0_block1, simd.q4_0_block4, 32)
+    _mm_k(w, q, d, s, out, 18, 1, simd.q4_0_block1, simd.q4_0_block2, simd.q4_0_block4, 32)
 
 
 # ---- SwiGLU's gate and up against one activation row ----
@@ -312,37 +329,37 @@ def mm_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q2_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
                 u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 84, 16, simd.q2_k_block1)
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 84, 16, simd.q2_k_block1, simd.q2_k_block2, simd.q2_k_block4)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q4_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
               u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 144, 8, simd.q4_k_block1)
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 144, 8, simd.q4_k_block1, simd.q4_k_block2, simd.q4_k_block4)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q5_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
               u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 176, 8, simd.q5_k_block1)
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 176, 8, simd.q5_k_block1, simd.q5_k_block2, simd.q5_k_block4)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q6_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
               u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 210, 16, simd.q6_k_block1)
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 210, 16, simd.q6_k_block1, simd.q6_k_block2, simd.q6_k_block4)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q8_0(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
               u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 34, 1, simd.q8_0_block1, 32)
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 34, 1, simd.q8_0_block1, simd.q8_0_block2, simd.q8_0_block4, 32)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q4_0(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
               u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 18, 1, simd.q4_0_block1, 32)
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 18, 1, simd.q4_0_block1, simd.q4_0_block2, simd.q4_0_block4, 32)
 
 
 # ---- dispatch ----

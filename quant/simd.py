@@ -174,6 +174,9 @@ def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
 q4_k_block1 = _make_q4_k_block(1)   # accf[fo:fo+8] += one Q4_K block (bytes wo..) . one Q8_K block (q at qo)
 q4_k_block4 = _make_q4_k_block(4)   # ... for four activation rows, q at qo + t*qs, b32 at bo + t*bs, d at do + t*ds
 q5_k_block1, q5_k_block4 = _make_q4_k_block(1, five=True), _make_q4_k_block(4, five=True)
+# two rows: a few-row product (a decode batch) decodes each weight block once per pair; each row's arithmetic is
+# the one-row block's, so its result does not depend on the rows beside it
+q4_k_block2, q5_k_block2 = _make_q4_k_block(2), _make_q4_k_block(2, five=True)
 
 
 def _make_q6_k_block(ntok: int) -> Any:
@@ -222,7 +225,7 @@ def _make_q6_k_block(ntok: int) -> Any:
     return q6_k_block
 
 
-q6_k_block1, q6_k_block4 = _make_q6_k_block(1), _make_q6_k_block(4)
+q6_k_block1, q6_k_block2, q6_k_block4 = _make_q6_k_block(1), _make_q6_k_block(2), _make_q6_k_block(4)
 
 
 def _make_q2_k_block(ntok: int) -> Any:
@@ -270,7 +273,7 @@ def _make_q2_k_block(ntok: int) -> Any:
     return q2_k_block
 
 
-q2_k_block1, q2_k_block4 = _make_q2_k_block(1), _make_q2_k_block(4)
+q2_k_block1, q2_k_block2, q2_k_block4 = _make_q2_k_block(1), _make_q2_k_block(2), _make_q2_k_block(4)
 
 
 def _accumulate(builder: ir.IRBuilder, fa: Any, fo: Any, t: int, vals: Any, scale: Any) -> None:
@@ -320,8 +323,8 @@ def _make_legacy_block(ntok: int, q4: bool) -> Any:
     return block
 
 
-q8_0_block1, q8_0_block4 = _make_legacy_block(1, False), _make_legacy_block(4, False)
-q4_0_block1, q4_0_block4 = _make_legacy_block(1, True), _make_legacy_block(4, True)
+q8_0_block1, q8_0_block2, q8_0_block4 = (_make_legacy_block(t, False) for t in (1, 2, 4))
+q4_0_block1, q4_0_block2, q4_0_block4 = (_make_legacy_block(t, True) for t in (1, 2, 4))
 
 
 @intrinsic

@@ -127,3 +127,32 @@ def test_dot_products_equal_llama_cpp(traits, t: QType) -> None:
         ref = np.array([traits.vec_dot(t, raw[r], y, n) for r in range(rows)], np.float32)
         assert np.abs(out[i] - ref).max() <= 1e-6 * np.abs(ref).max()
     assert np.abs(one[0] - out[0]).max() <= 1e-6 * np.abs(out[0]).max()
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(t: QType) -> None:
+    """Products and SwiGLU of 2..9 rows (blocks of 4, 2 and 1 rows share each weight block's decoding) equal the
+    one-row kernel's for every row, bit for bit: a batched sequence gets what it would alone; and the one-row
+    kernels filling a slot (dst) give the same values while copying the weights exactly."""
+    rng = np.random.default_rng(5)
+    rows, n = 24, 512
+    wg, wu = (quantize(rng.standard_normal((rows, n)).astype(np.float32), t) for _ in range(2))
+    x = rng.standard_normal((9, n)).astype(np.float32)
+    one, g1 = np.zeros((9, rows), np.float32), np.zeros((9, rows), np.float32)
+    for i in range(9):
+        int8.product(wg, t, int8.Acts(1, n).bind(x[i:i + 1].copy()), one[i:i + 1])
+        int8.swiglu_product(wg, wu, t, int8.Acts(1, n).bind(x[i:i + 1].copy()), g1[i:i + 1], np.zeros((1, rows), np.float32))
+    for T in range(2, 10):
+        out = np.zeros((T, rows), np.float32)
+        int8.product(wg, t, int8.Acts(T, n).bind(x[:T].copy()), out)
+        assert np.array_equal(out, one[:T]), T
+        if T <= int8.FEW:
+            g, u = np.zeros((T, rows), np.float32), np.zeros((T, rows), np.float32)
+            int8.swiglu_product(wg, wu, t, int8.Acts(T, n).bind(x[:T].copy()), g, u)
+            assert np.array_equal(g, g1[:T]), T
+    dst, dg, du = (np.zeros_like(wg) for _ in range(3))
+    filled, gf = np.zeros((1, rows), np.float32), np.zeros((1, rows), np.float32)
+    int8.product(wg, t, int8.Acts(1, n).bind(x[:1].copy()), filled, dst)
+    int8.swiglu_product(wg, wu, t, int8.Acts(1, n).bind(x[:1].copy()), gf, np.zeros((1, rows), np.float32), dg, du)
+    assert np.array_equal(filled, one[:1]) and np.array_equal(gf, g1[:1])
+    assert np.array_equal(dst, wg) and np.array_equal(dg, wg) and np.array_equal(du, wu)
