@@ -73,7 +73,7 @@ def restricted_similarity(model: "Model", predictor: Predictor, ids: Sequence[in
     plain = greedy_tokens(model, ids, n)
     shares = predictor.predict(model.prompt_features(ids))                  # (L, E)
     mask = np.zeros((cfg.n_layer, cfg.n_expert), dtype=bool)
-    mask[list(predictor.layers)] = select(shares, top_l, cfg.n_expert_used, 0.0)
+    mask[list(predictor.layers)] = select(shares, top_l, cfg.n_expert_used, len(ids) + n)   # as the store would
     inner = model.ctx.experts
     model.ctx.experts = Restricted(inner, mask)
     try:

@@ -19,9 +19,14 @@ from ..predictor import Predictor, select
 @dataclass(frozen=True)
 class Preload:
     """What to do before one prompt: `mask` (n_layer, E) the experts to load (None: nothing), `cold`: serve
-    its misses with the cold copies."""
+    its misses with the cold copies; `expect` (n_layer, E): the selections of each expert the prediction
+    expects over PRIOR_TOKENS tokens (the store's prior for which residents to keep)."""
     mask: np.ndarray | None
     cold: bool = False
+    expect: np.ndarray | None = None
+
+
+PRIOR_TOKENS = 16.0   # how many tokens' worth of evidence the prediction counts for against what the prompt then uses
 
 
 @dataclass
@@ -42,7 +47,7 @@ class Ahead:
         self.k = k
         self.every = every
         self.stats = AheadStats()
-        self._last: np.ndarray | None = None      # the prediction being reused
+        self._last: tuple | None = None           # the Preload being reused
         self._age = 0                             # prompts it has served
 
     def shares(self, ids: Sequence[int]) -> np.ndarray:
@@ -51,10 +56,17 @@ class Ahead:
 
     def mask(self, ids: Sequence[int], task: str | None, top_l: int) -> np.ndarray:
         """(n_layer, E) bool: each MoE layer's predicted top-`top_l` experts worth loading for the prompt."""
+        return self._predict(ids, task, top_l)[0]
+
+    def _predict(self, ids: Sequence[int], task: str | None, top_l: int) -> tuple[np.ndarray, np.ndarray]:
+        """The mask, and each expert's expected selections over PRIOR_TOKENS tokens, (n_layer, E) each."""
         tokens = len(ids) + self.predictor.output_tokens_for(task)
+        shares = self.shares(ids)
         out = np.zeros((self.n_layer, self.predictor.n_expert), dtype=bool)
-        out[list(self.predictor.layers)] = select(self.shares(ids), top_l, self.k, tokens)
-        return out
+        out[list(self.predictor.layers)] = select(shares, top_l, self.k, tokens)
+        expect = np.zeros(out.shape)
+        expect[list(self.predictor.layers)] = shares * self.k * PRIOR_TOKENS
+        return out, expect
 
     def plan(self, ids: Sequence[int], task: str | None, slots: int) -> Preload:
         """The Preload for the next prompt, given an arena of `slots` slots."""
@@ -64,10 +76,11 @@ class Ahead:
         if self._last is not None and self._age < self.every:
             self.stats.reuses += 1
             self._age += 1
-            return Preload(self._last)
+            return Preload(*self._last)
         self.stats.predictions += 1
-        self._last, self._age = self.mask(ids, task, slots // max(len(self.predictor.layers), 1)), 1
-        return Preload(self._last)
+        mask, expect = self._predict(ids, task, slots // max(len(self.predictor.layers), 1))
+        self._last, self._age = (mask, False, expect), 1
+        return Preload(*self._last)
 
     def forget(self) -> None:
         """Drop the prediction being reused (the arena was emptied)."""

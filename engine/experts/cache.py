@@ -4,7 +4,10 @@ Hot tier: full-precision experts copied into a preallocated arena of equal slots
 evicted by a policy (policies.py); while slots are free every miss fills one, whatever the mode. Cold
 tier: the low-precision copies (cold.py). Misses that would evict are served hot, cold or skipped by the
 miss mode (HOBBIT, rules.py); selection can prefer residents (MoE-ERAS); prefetch queues the experts the
-next layers' routers predict. Every decision is counted per layer (stats.py).
+next layers' routers predict. With an expert predictor (eMoE, ahead.py) each prompt's predicted experts are
+loaded before its prefill, and while it runs the resident expected to be selected least (the prediction plus
+what the prompt has selected) is evicted, or a miss expected less than every resident is served from where it
+lies. Every decision is counted per layer (stats.py).
 """
 from __future__ import annotations
 
@@ -64,6 +67,8 @@ class ExpertCache:
             and not isinstance(cold, StagedCold)                              # nothing to recycle per layer
         self.ahead: Ahead | None = None                                     # eMoE: experts loaded before a prompt
         self._protected: set[Key] = set()                                   # the prompt's predicted experts
+        self._expect: np.ndarray | None = None                              # (L, E) their prior selections ...
+        self._seen = np.zeros((self.n_layer, self.n_expert))                # ... and what the prompt then selected
         self.miss = options.miss                                            # the mode for this prompt's misses
 
     @property
@@ -99,6 +104,8 @@ class ExpertCache:
         self._begin()
         st.tokens += ids.shape[0]
         np.add.at(self.activations[layer], ids.ravel(), 1)
+        if self._expect is not None:
+            np.add.at(self._seen[layer], ids.ravel(), 1)
         self._score_prediction(layer, ids)
         hit = self.resident(layer)[ids]                                      # (T, k)
         tiers = self._tiers(routing.weights)                                 # (T, k) for a miss
@@ -140,6 +147,10 @@ class ExpertCache:
         act = self.activations[layer]
         for e in ids:
             act[e] += 1
+        if self._expect is not None:
+            seen = self._seen[layer]
+            for e in ids:
+                seen[e] += 1
         if self._predicted[layer] is not None:
             self._score_prediction(layer, routing.experts)
         found = [self.arena.experts.get((layer, e)) for e in ids]
@@ -207,6 +218,8 @@ class ExpertCache:
         pre = self.ahead.plan(ids, task, self.arena.n_slots)
         self.miss = MissMode.COLD if pre.cold and self.cold else self.opt.miss
         self._protected = set()
+        self._expect = pre.expect
+        self._seen[:] = 0
         if pre.mask is None:
             return
         keys = [(int(l), int(e)) for l, e in zip(*np.nonzero(pre.mask))]
@@ -249,10 +262,9 @@ class ExpertCache:
         """Bring `key`'s hot copy into the arena, evicting an unpinned resident if full; None if nothing can go.
         `computing`: the result is computed with at once, so a RAM arena leaves the copy to that computation."""
         if not self.arena.free:
-            victim = None
-            if self._protected and pinned is not self._protected:                # unpredicted residents go first
-                victim = self.policy.victim(self.arena.slot_of, pinned | self._protected, key[0])
-            if victim is None:
+            if self._expect is not None and pinned is not self._protected:
+                victim = self._least_expected(key, pinned)
+            else:
                 victim = self.policy.victim(self.arena.slot_of, pinned, key[0])
             if victim is None:
                 return None
@@ -265,6 +277,19 @@ class ExpertCache:
         st.loads += 1
         st.bytes_moved += self._nbytes[key[0]][key[1]]
         return expert
+
+    def _least_expected(self, key: Key, pinned: set[Key]) -> Key | None:
+        """With a prompt's prediction: the unpinned resident expected to be selected least (its predicted
+        selections plus those the prompt made; ties: the policy's order), or None, so that `key` is served from
+        where it lies, when `key` is expected less than every candidate (it would be evicted first anyway)."""
+        score = self._expect + self._seen                                    # (L, E) expected selections
+        best, low = None, np.inf
+        for k in self.arena.slot_of:
+            if k not in pinned and score[k] < low:
+                best, low = k, score[k]
+        if best is None or score[key] < low:
+            return None
+        return best
 
     def _cold(self, layer: int, e: int, tokens: int) -> Expert:
         """The cold copy, uploaded to a staging slot when placement (or the cost model) puts it on the GPU."""
@@ -341,6 +366,7 @@ class ExpertCache:
         self.policy = make_policy(self.opt.cache_policy, self.n_layer)
         self._in_use = set()
         self._protected = set()
+        self._expect = None
         self.miss = self.opt.miss
         if self.ahead is not None:
             self.ahead.forget()
