@@ -88,6 +88,39 @@ class ExpertStore(Protocol):
     def reset_stats(self) -> None: ...
 
 
+class Delegate:
+    """An ExpertStore over another that passes every call through: a wrapper (a trace recorder, a restricted
+    selection) overrides only what it changes."""
+
+    def __init__(self, inner: ExpertStore) -> None:
+        self.inner = inner
+
+    @property
+    def lookahead(self) -> int:
+        return self.inner.lookahead
+
+    def bias(self, layer: int) -> SelectionBias | None:
+        return self.inner.bias(layer)
+
+    def prepare(self, layer: int, routing: Routing) -> Plan:
+        return self.inner.prepare(layer, routing)
+
+    def prefetch(self, layer: int, experts: np.ndarray) -> None:
+        self.inner.prefetch(layer, experts)
+
+    def begin_prompt(self, ids: Sequence[int], task: str | None = None) -> None:
+        self.inner.begin_prompt(ids, task)
+
+    def new_sequence(self) -> None:
+        self.inner.new_sequence()
+
+    def report(self) -> dict[str, Any]:
+        return self.inner.report()
+
+    def reset_stats(self) -> None:
+        self.inner.reset_stats()
+
+
 _NONE = np.zeros(0, dtype=np.float32)
 
 

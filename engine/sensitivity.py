@@ -3,11 +3,11 @@ each token's experts restricted to the predictor's set, compared with the unrest
 stay >= 85% equal is insensitive: the store skips its prediction and serves its misses cold."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from .moe import Plan, Routing, SelectionBias
+from .moe import Delegate, SelectionBias
 from .predictor import Predictor, TaskInfo, select
 
 if TYPE_CHECKING:
@@ -17,36 +17,17 @@ if TYPE_CHECKING:
 _OUT = np.float32(-1e30)   # a logit bias no router logit overcomes: the expert is never chosen
 
 
-class Restricted:
+class Restricted(Delegate):
     """An ExpertStore that passes everything to the store it wraps but lets each layer choose only among
     `mask` (n_layer, E) experts (a selection bias: gate weights stay the unbiased softmax's)."""
 
     def __init__(self, inner: "ExpertStore", mask: np.ndarray) -> None:
-        self.inner = inner
-        self.lookahead = inner.lookahead
+        super().__init__(inner)
         self._bias = [SelectionBias(logit=np.where(m, np.float32(0), _OUT).astype(np.float32)) if m.any() else None
                       for m in mask]
 
     def bias(self, layer: int) -> SelectionBias | None:
         return self._bias[layer]
-
-    def prepare(self, layer: int, routing: Routing) -> Plan:
-        return self.inner.prepare(layer, routing)
-
-    def prefetch(self, layer: int, experts: np.ndarray) -> None:
-        self.inner.prefetch(layer, experts)
-
-    def begin_prompt(self, ids: Sequence[int], task: str | None = None) -> None:
-        self.inner.begin_prompt(ids, task)
-
-    def new_sequence(self) -> None:
-        self.inner.new_sequence()
-
-    def report(self) -> dict[str, Any]:
-        return self.inner.report()
-
-    def reset_stats(self) -> None:
-        self.inner.reset_stats()
 
 
 def greedy_tokens(model: "Model", ids: Sequence[int], n: int) -> list[int]:

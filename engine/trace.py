@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .moe import Plan, Routing, SelectionBias
+from .moe import Delegate, Plan, Routing
 
 if TYPE_CHECKING:
     from .api import Model
@@ -135,11 +135,11 @@ class Traces:
             raise TraceError(f"{where}: {bad}")
 
 
-class Recorder:
+class Recorder(Delegate):
     """An ExpertStore that passes everything to the store it wraps and keeps each MoE layer's routing."""
 
     def __init__(self, inner: "ExpertStore", layers: Sequence[int]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.layers = list(layers)
         self._index = {l: i for i, l in enumerate(self.layers)}
         self.clear()
@@ -148,33 +148,11 @@ class Recorder:
         self.experts: list[list[np.ndarray]] = [[] for _ in self.layers]
         self.weights: list[list[np.ndarray]] = [[] for _ in self.layers]
 
-    @property
-    def lookahead(self) -> int:
-        return self.inner.lookahead
-
-    def bias(self, layer: int) -> SelectionBias | None:
-        return self.inner.bias(layer)
-
     def prepare(self, layer: int, routing: Routing) -> Plan:
         i = self._index[layer]
         self.experts[i].append(routing.experts.astype(np.int16))             # (T, k) copies: the buffers are reused
         self.weights[i].append(routing.weights.copy())
         return self.inner.prepare(layer, routing)
-
-    def prefetch(self, layer: int, experts: np.ndarray) -> None:
-        self.inner.prefetch(layer, experts)
-
-    def begin_prompt(self, ids: Sequence[int], task: str | None = None) -> None:
-        self.inner.begin_prompt(ids, task)
-
-    def new_sequence(self) -> None:
-        self.inner.new_sequence()
-
-    def report(self) -> dict[str, Any]:
-        return self.inner.report()
-
-    def reset_stats(self) -> None:
-        self.inner.reset_stats()
 
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         """(n, L, k) experts and weights recorded since the last take, token order."""
