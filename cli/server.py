@@ -1,7 +1,7 @@
 """moe-server: an OpenAI-compatible HTTP server over a GGUF MoE model (llama-server's flags where hotcold has
 the feature): continuous batching over --parallel slots, every residency flag of moe-run.
 
-    moe-server model.gguf --host 127.0.0.1 --port 8080 --parallel 8
+    moe-server model.gguf --host 127.0.0.1 --port 8080 --parallel 8 [--schedule task --predictor pred.npz]
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from hotcold.engine.options import Options
+from hotcold.engine.options import Options, Schedule
 
 from .flags import Parser, add_model, add_options, given, guarded, model_arg
 
@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise OSError(f"cannot listen on {args.host}:{args.port} (in use, or not an address of this machine)")
             time.sleep(0.05)
         print(f"moe-server: {m.path.name} on http://{args.host}:{args.port}/v1 ({m.ctx.n_seq} slots of "
-              f"{m.n_ctx} tokens)", file=sys.stderr, flush=True)
+              f"{m.n_ctx} tokens, {m.options.schedule.value} schedule)", file=sys.stderr, flush=True)
+        if m.options.schedule is Schedule.TASK and m.predictor is None:
+            print("moe-server: --schedule task without --predictor orders the queue by slo_ms and max_tokens only "
+                  "(give --predictor pred.npz, made by moe-predictor train, for predicted lengths and expert "
+                  "overlap)", file=sys.stderr, flush=True)
         watch = threading.Thread(target=lambda: (http.join(), engine.close()), daemon=True)
         watch.start()                                # the HTTP side ending (a signal) ends the engine
         try:

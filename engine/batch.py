@@ -5,14 +5,19 @@ Each step is one forward pass of every active slot's next token and, in the n_ba
 waiting prompts (chunked prefill). The MoE step groups all of them per expert, so an expert one step needs is
 read once for every sequence (dynamic gating, Huang et al. 2023). A new request takes the free slot whose
 cached tokens share the longest prefix with its prompt and keeps that prefix (llama-server's prompt cache).
-Requests beyond the slots wait in a queue; a cancelled request frees its slot at the next step. The engine
-runs in one thread of its own: requests come in from any thread, events go out through each request's
-`emit` callback (called on the engine thread).
+Requests beyond the slots wait in a queue; which of them takes a free slot is the model's `schedule`'s policy
+(engine/schedule.py: arrival order, or eMoE's task-aware order by deadline, predicted length and shared
+predicted experts). A cancelled request frees its slot at the next step. The engine runs in one thread of its
+own: requests come in from any thread, events go out through each request's `emit` callback (called on the
+engine thread).
 """
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
+import math
+import numbers
 import threading
 import time
 from collections import deque
@@ -22,8 +27,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from .backend import finite_extremes
 from .completion import Completion, TokenLogprob
 from .sampling import Sampler, SamplingParams
+from .schedule import Job, Policy, policy_for
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .api import Model
 
 log = logging.getLogger("hotcold")
@@ -62,8 +70,11 @@ class Request:
     ignore_eos: bool = False
     logprobs: int | None = None          # the n most likely alternatives to list per token, or None for none
     label: Any = None                    # the caller's own (a request id)
+    slo_ms: float | None = None          # latency objective, submit to last token (the task schedule's deadline)
+    task: str | None = None              # task label: the expert predictor's (eMoE) and the task schedule's
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    job: Job | None = field(default=None, init=False, repr=False)   # what the scheduler knows, set by submit
 
     def cancel(self) -> None:
         """Stop generating (a client that disconnected); the slot is freed at the engine's next step."""
@@ -81,23 +92,28 @@ class _Slot:
 
 class BatchEngine:
     """Continuous batching over `model`'s context (Model(..., n_seq_max=N) holds N slots). While it runs the
-    Model is its own: Model.generate from elsewhere gets a ModelBusyError."""
+    Model is its own: Model.generate from elsewhere gets a ModelBusyError. `policy` orders the queue (default:
+    the one for the model's `schedule` option)."""
 
-    def __init__(self, model: "Model") -> None:
+    def __init__(self, model: "Model", policy: Policy | None = None) -> None:
         self.m, self.ctx = model, model.ctx
         self.slots = [_Slot(i) for i in range(self.ctx.n_seq)]
         self.queue: deque[Request] = deque()
+        self.policy = policy if policy is not None else policy_for(model.options.schedule)
+        self._arrivals = itertools.count()
         self._cv = threading.Condition()
         self._step_lock = threading.Lock()   # held during a step: stats are read between steps
         self._thread: threading.Thread | None = None
         self._stop = False
         self.counters = dict(requests=0, prompt_tokens=0, prompt_tokens_cached=0, completion_tokens=0, steps=0,
-                             step_s=0.0, cancelled=0)
+                             step_s=0.0, cancelled=0, slo_requests=0, slo_met=0)
 
     # --- the caller's side ------------------------------------------------------------------------------
 
     def submit(self, req: Request) -> None:
-        """Queue a request (its prompt must fit a slot's context with room for one token: else ValueError)."""
+        """Queue a request (its prompt must fit a slot's context with room for one token, its slo_ms be positive:
+        else ValueError). Under a policy that needs them, its experts and output length are predicted here,
+        once."""
         ids = [int(t) for t in req.ids]
         if not ids:
             raise ValueError("the prompt is empty: a completion needs at least one token")
@@ -105,10 +121,30 @@ class BatchEngine:
         if len(ids) + 1 > self.ctx.n_ctx:
             raise ContextOverflow(f"the prompt is {len(ids)} tokens; a slot's context is {self.ctx.n_ctx} tokens "
                              f"(n_ctx), which must hold the prompt and at least one generated token")
+        if req.slo_ms is not None and (isinstance(req.slo_ms, bool) or not isinstance(req.slo_ms, numbers.Real)
+                                       or not (math.isfinite(req.slo_ms) and req.slo_ms > 0)):
+            raise ValueError(f"slo_ms={req.slo_ms!r}: give the latency objective as a positive number of "
+                             "milliseconds, or leave it out")
+        if req.task is not None and not isinstance(req.task, str):
+            raise ValueError(f"task={req.task!r}: give the task label as a string, or leave it out")
         req.ids = ids
-        with self._cv:
+        length, mask = self._predict(req)
+        with self._cv:   # arrival order and time under the queue's lock: FCFS's order is the queue's
+            req.job = Job(next(self._arrivals), time.perf_counter(), length, req.slo_ms, mask)
             self.queue.append(req)
             self._cv.notify()
+
+    def _predict(self, req: Request) -> tuple[float, np.ndarray | None]:
+        """The request's output length (tokens) and predicted experts (None: unknown) for the policy: eMoE's
+        per-task mean output length, capped by what the request may generate, and the experts the predictor
+        would load for its prompt. Only a policy that uses them pays for the prediction."""
+        cap = req.max_tokens if req.max_tokens and req.max_tokens > 0 else self.ctx.n_ctx - len(req.ids)
+        cap = min(cap, self.ctx.n_ctx - len(req.ids))
+        if not self.policy.needs_predictions:
+            return float(cap), None
+        mask = self.m.predict_experts(req.ids, req.task)
+        predicted = None if req.ignore_eos else self.m.predicted_output_tokens(req.task)
+        return (float(cap) if predicted is None else min(float(predicted), float(cap))), mask
 
     def start(self) -> "BatchEngine":
         """Run steps on a thread of the engine's own until `close`. Where the model's kernels were compiled and
@@ -155,6 +191,7 @@ class BatchEngine:
         """The counters and the expert store's report, read between steps."""
         with self._step_lock:
             return {**self.counters, "active": self.active, "waiting": self.waiting, "slots": len(self.slots),
+                    "schedule": self.policy.schedule.value, "decisions": self.policy.stats.as_dict(),
                     "experts": self.m.expert_stats()}
 
     # --- the engine's side ------------------------------------------------------------------------------
@@ -210,7 +247,8 @@ class BatchEngine:
             return True
 
     def _admit(self) -> None:
-        """Cancelled requests leave; waiting ones take free slots, each the one sharing most of its prompt."""
+        """Cancelled requests leave; waiting ones take free slots in the policy's order, each the slot sharing
+        most of its prompt."""
         for s in self.slots:
             if s.req is not None and s.req.cancelled:
                 self._finish(s, Finish.CANCELLED)
@@ -223,7 +261,9 @@ class BatchEngine:
             self.queue.clear()
             free = [s for s in self.slots if s.req is None]
             while pending and free:
-                r = pending.pop(0)
+                r = pending.pop(self.policy.pick([p.job for p in pending],
+                                                 [s.req.job for s in self.slots if s.req is not None],
+                                                 time.perf_counter()))
                 best = max(free, key=lambda s: _common(self.ctx.slots[s.seq], r.ids))
                 free.remove(best)
                 self._assign(best, r)
@@ -232,6 +272,8 @@ class BatchEngine:
     def _assign(self, s: _Slot, r: Request) -> None:
         keep = min(_common(self.ctx.slots[s.seq], r.ids), len(r.ids) - 1)   # the last prompt token gives logits
         self.ctx.seek(keep, s.seq)
+        # the store sees each prompt and its task, as Model.generate's, beside the sequences running
+        self.ctx.experts.begin_prompt(r.ids, r.task, join=any(o.req is not None for o in self.slots if o is not s))
         sampler = Sampler(r.params)
         for t in r.ids:
             sampler.accept(t)
@@ -275,6 +317,10 @@ class BatchEngine:
         r, comp = s.req, s.comp
         if how is Finish.CANCELLED:
             self.counters["cancelled"] += 1
+        elif r.slo_ms is not None:           # SLO attainment: of the requests with an objective that ended
+            self.counters["slo_requests"] += 1
+            if how is not Finish.ERROR and (time.perf_counter() - r.job.arrival) * 1e3 <= r.slo_ms:
+                self.counters["slo_met"] += 1
         if how is Finish.ERROR:
             self.ctx.seek(0, s.seq)          # nothing of a failed pass is reused
         s.req, s.comp, s.todo = None, None, []

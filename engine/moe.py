@@ -80,8 +80,9 @@ class ExpertStore(Protocol):
 
     def new_sequence(self) -> None: ...
 
-    def begin_prompt(self, ids: Sequence[int], task: str | None = None) -> None:
-        """A prompt (of a task label, if given) is about to be prefilled: eMoE's moment to load its experts."""
+    def begin_prompt(self, ids: Sequence[int], task: str | None = None, join: bool = False) -> None:
+        """A prompt (of a task label, if given) is about to be prefilled: eMoE's moment to load its experts;
+        `join`: other sequences are running (a batch), whose prompts' predictions stand beside this one's."""
 
     def report(self) -> dict[str, Any]: ...
 
@@ -108,8 +109,8 @@ class Delegate:
     def prefetch(self, layer: int, experts: np.ndarray) -> None:
         self.inner.prefetch(layer, experts)
 
-    def begin_prompt(self, ids: Sequence[int], task: str | None = None) -> None:
-        self.inner.begin_prompt(ids, task)
+    def begin_prompt(self, ids: Sequence[int], task: str | None = None, join: bool = False) -> None:
+        self.inner.begin_prompt(ids, task, join)
 
     def new_sequence(self) -> None:
         self.inner.new_sequence()

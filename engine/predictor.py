@@ -189,6 +189,14 @@ class Predictor:
         L, E = len(self.layers), self.n_expert
         outs = {Kind.EMBED: L, Kind.FIRST: L - 1, Kind.PREV: 1}[self.kind]
         ins = self.n_embd if self.kind is Kind.EMBED else E
+        heads = L - 1 if self.kind is Kind.PREV else 1
+        if len(self.heads) != heads:
+            raise PredictorError(f"{where}: a {self.kind.value} predictor of {L} MoE layers has {heads} head(s), "
+                                 f"this file {len(self.heads)}; train it again (moe-predictor train)")
+        if self.prior is not None and (self.prior.shape != (L, E) or not np.isfinite(self.prior).all()):
+            raise PredictorError(f"{where}: the predictor's prior is not {L} x {E} finite shares; train it again")
+        if self.kind is not Kind.EMBED and self.prior is None:
+            raise PredictorError(f"{where}: a {self.kind.value} predictor needs its prior; train it again")
         for h in self.heads:
             H = h.w1.shape[1] if h.w1 is not None else ins
             ok = (h.mean.shape == (ins,) and h.scale.shape == (ins,) and h.w.shape == (H, outs, E)

@@ -75,6 +75,6 @@ def task_sensitivity(model: "Model", predictor: Predictor, prompts: Sequence[Map
     for name, texts in sorted(by_task.items()):
         sims = [restricted_similarity(model, predictor, model.tokenize(t, special=True), top_l, n)
                 for t in texts[:per_task]]
-        info = tasks.get(name, TaskInfo(len(texts), 0.0))
+        info = tasks.get(name, TaskInfo(len(texts), predictor.mean_output_tokens))   # a task the traces lacked
         tasks[name] = TaskInfo(info.prompts, info.output_tokens, float(np.mean(sims)))
     return predictor.with_tasks(tasks)

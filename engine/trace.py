@@ -205,8 +205,11 @@ def trace(model: "Model", prompts: Iterable[str | Mapping[str, str]], max_tokens
         for p in _items(prompts):
             ids = model.tokenize(p["prompt"], special=True)
             model.reset()
-            for _ in model.generate(ids, max_tokens=max_tokens, temperature=0.0, task=p["task"] or None):
-                pass
+            if max_tokens > 0:
+                for _ in model.generate(ids, max_tokens=max_tokens, temperature=0.0, task=p["task"] or None):
+                    pass
+            else:                                                            # the prompt alone (generate's 0 is
+                model.eval(ids)                                              # "to the end of the context")
             ex, w = rec.take()
             experts.append(ex)
             weights.append(w)

@@ -210,20 +210,28 @@ class ExpertCache:
     def new_sequence(self) -> None:
         self.policy.new_sequence()
 
-    def begin_prompt(self, ids: Sequence[int], task: str | None = None) -> None:
-        """eMoE, before the prefill: load the prompt's predicted experts, evicting unpredicted ones first, and keep
-        them ahead of the others while it runs; an insensitive task's misses are served cold (with cold copies)."""
+    def begin_prompt(self, ids: Sequence[int], task: str | None = None, join: bool = False) -> None:
+        """eMoE, before the prefill: load the prompt's predicted experts, evicting unpredicted ones first, and weigh
+        residents by the prediction while it runs; an insensitive task's misses are served cold (with cold copies).
+        `join` (a batch with other sequences running): the prediction adds to theirs, and misses go cold only
+        while every joined prompt's task is insensitive."""
         if self.ahead is None:
             return
         pre = self.ahead.plan(ids, task, self.arena.n_slots)
-        self.miss = MissMode.COLD if pre.cold and self.cold else self.opt.miss
-        self._protected = set()
-        self._expect = pre.expect
-        self._seen[:] = 0
+        cold = pre.cold and bool(self.cold)
+        if join:
+            self.miss = MissMode.COLD if cold and self.miss == MissMode.COLD else self.opt.miss
+        else:
+            self.miss = MissMode.COLD if cold else self.opt.miss
+            self._protected = set()
+            self._expect = None
+            self._seen[:] = 0
+        if pre.expect is not None:
+            self._expect = pre.expect if self._expect is None else self._expect + pre.expect
         if pre.mask is None:
             return
         keys = [(int(l), int(e)) for l, e in zip(*np.nonzero(pre.mask))]
-        self._protected = set(keys)
+        self._protected |= set(keys)
         for key in keys:
             if key in self.arena:
                 continue

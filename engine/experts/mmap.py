@@ -43,7 +43,7 @@ class MmapExperts:
     def new_sequence(self) -> None:
         pass
 
-    def begin_prompt(self, ids: Sequence[int], task: str | None = None) -> None:
+    def begin_prompt(self, ids: Sequence[int], task: str | None = None, join: bool = False) -> None:
         pass
 
     def report(self) -> dict[str, Any]:

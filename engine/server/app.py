@@ -3,7 +3,8 @@
 
 Handlers run on uvicorn's event loop; generation runs on the engine's thread, whose events each request's
 asyncio queue receives. A client that goes away cancels its request, which frees its slot at the next step.
-Errors are OpenAI's JSON: {"error": {"message", "type", "param", "code"}}.
+Errors are OpenAI's JSON: {"error": {"message", "type", "param", "code"}}. Beyond OpenAI's fields, a request may
+carry `slo_ms` (its latency objective) and `task` (its task label) for --schedule task and the expert predictor.
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def create_app(model: Model, engine: BatchEngine, api_key: str | None = None, na
     def submit(ids: list[int], body: Sampling, max_tokens: int | None, logprobs: int | None) -> tuple[Request, asyncio.Queue]:
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         req = Request(ids, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev), sampling(body), max_tokens,
-                      body.stops(), body.ignore_eos, logprobs)
+                      body.stops(), body.ignore_eos, logprobs, slo_ms=body.slo_ms, task=body.task)
         try:
             engine.submit(req)
         except ContextOverflow as e:

@@ -1,5 +1,5 @@
-"""/metrics in Prometheus's text format (prometheus-client): the batch engine's counters and the expert
-store's per-tier hits and misses, read when scraped."""
+"""/metrics in Prometheus's text format (prometheus-client): the batch engine's counters (SLO attainment and the
+schedule's decisions among them) and the expert store's per-tier hits and misses, read when scraped."""
 from __future__ import annotations
 
 import time
@@ -39,6 +39,17 @@ class EngineCollector:
                        s["prompt_tokens_cached"])
         yield _counter("hotcold_completion_tokens", "tokens generated", s["completion_tokens"])
         yield _counter("hotcold_forward_seconds", "seconds in batched forward passes", s["step_s"])
+        # SLO attainment is slo_met / slo_requests (requests that ended, cancelled ones left out)
+        yield _counter("hotcold_slo_requests", "requests with slo_ms that ended", s["slo_requests"])
+        yield _counter("hotcold_slo_met", "requests with slo_ms that ended within it", s["slo_met"])
+        d = s["decisions"]
+        yield _counter("hotcold_schedule_picks", f"requests given a slot by the {s['schedule']} schedule", d["picks"])
+        yield _counter("hotcold_schedule_reordered", "requests given a slot before one that arrived earlier",
+                       d["reordered"])
+        yield _counter("hotcold_schedule_starved", "requests given a slot first for having waited too long",
+                       d["starved"])
+        yield _counter("hotcold_schedule_grouped", "requests given a slot first for sharing the active slots' "
+                       "predicted experts", d["grouped"])
         yield _gauge("hotcold_requests_waiting", "requests queued for a free slot", s["waiting"])
         yield _gauge("hotcold_slots_active", "slots generating", s["active"])
         yield _gauge("hotcold_slots", "slots (--parallel)", s["slots"])

@@ -27,6 +27,10 @@ class Sampling(BaseModel):
     seed: int | None = None
     ignore_eos: bool = False                 # llama-server's
     n: int = Field(1, ge=1, le=1)            # one choice per request
+    # hotcold's, for --schedule task (eMoE): the latency objective in ms from arrival to the last token (a JSON
+    # number, strictly: "100" or true are refused), and the task label the expert predictor and scheduler read
+    slo_ms: float | None = Field(None, gt=0, allow_inf_nan=False, strict=True)
+    task: str | None = Field(None, min_length=1, max_length=256)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else [s for s in (self.stop or []) if s]
