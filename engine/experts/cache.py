@@ -288,16 +288,16 @@ class ExpertCache:
 
     def _least_expected(self, key: Key, pinned: set[Key]) -> Key | None:
         """With a prompt's prediction: the unpinned resident expected to be selected least (its predicted
-        selections plus those the prompt made; ties: the policy's order), or None, so that `key` is served from
-        where it lies, when `key` is expected less than every candidate (it would be evicted first anyway)."""
-        score = self._expect + self._seen                                    # (L, E) expected selections
-        best, low = None, np.inf
-        for k in self.arena.slot_of:
-            if k not in pinned and score[k] < low:
-                best, low = k, score[k]
-        if best is None or score[key] < low:
+        selections plus those the prompt made; ties: the lowest layer and expert), or None, so that `key` is served
+        from where it lies, when `key` is expected less than every candidate (it would be evicted first anyway)."""
+        expected = self._expect + self._seen                                 # (L, E) expected selections
+        score = np.where(self.arena.mask, expected, np.inf)                  # residents only
+        for k in pinned:
+            score[k] = np.inf
+        best = np.unravel_index(int(np.argmin(score)), score.shape)
+        if not np.isfinite(score[best]) or expected[key] < score[best]:
             return None
-        return best
+        return int(best[0]), int(best[1])
 
     def _cold(self, layer: int, e: int, tokens: int) -> Expert:
         """The cold copy, uploaded to a staging slot when placement (or the cost model) puts it on the GPU."""
