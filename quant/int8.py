@@ -31,7 +31,6 @@ MT = 4   # activation rows per matmul tile (unrolled: their accumulators stay in
 LANES = 8 * MT  # accumulator lanes per matmul tile
 FEW = 8         # up to this many activation rows (a decode batch) take each weight block one row at a time
 FEW_LANES = 8 * max(MT, FEW)
-GLU_LANES = 16 * FEW  # gate and up accumulators of FEW rows
 PREFETCH = 2048  # bytes ahead a one-row kernel asks for its weights (chosen by measurement among 1-4 KiB)
 
 
@@ -186,20 +185,41 @@ def _mv_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.nd
 
 
 @njit(cache=True, inline="always")
-def _rows_block(accf: np.ndarray, fo: int, w: np.ndarray, o: int, q: np.ndarray, qo: int, n: int, b: np.ndarray,
-                bo: int, nbs: int, d: np.ndarray, do: int, nd: int, T: int, block1: Callable, block2: Callable,
-                block4: Callable) -> None:
-    """accf[fo + 8t : fo + 8t + 8] += the weight block at byte o . activation row t's block, for t < T (up to FEW):
-    the weights decoded once for each 4, then 2, then 1 rows; every row's sum is the one-row block's."""
+def _row_dots(w: np.ndarray, ro: int, nb: int, ts: int, q: np.ndarray, n: int, qk: int, b: np.ndarray, nbs: int,
+              bpb: int, d: np.ndarray, nd: int, T: int, out: np.ndarray, r: int, block1: Callable, block2: Callable,
+              block4: Callable) -> None:
+    """out[t, r] = the weight row at byte ro . activation row t, for t < T (up to FEW): the activation rows in
+    groups of 4, then 2, then 1, each group's accumulators at constant offsets (registers) over all of the row's
+    blocks, the row's bytes read again from L1 for the next group; every row's sum is the one-row kernel's."""
     j = 0
     while j + 4 <= T:
-        block4(accf, fo + 8 * j, w, o, q, qo + j * n, n, b, bo + j * nbs, nbs, d, do + j * nd, nd)
+        a4 = _stack(32, F32)
+        for l in range(32):
+            a4[l] = 0
+        for k in range(nb):
+            _prefetch(w, ro + k * ts, ts)
+            block4(a4, 0, w, ro + k * ts, q, j * n + k * qk, n, b, j * nbs + k * bpb, nbs, d, j * nd + k, nd)
+        for t in range(4):
+            out[j + t, r] = simd.hsum(a4, 8 * t)
         j += 4
     if j + 2 <= T:
-        block2(accf, fo + 8 * j, w, o, q, qo + j * n, n, b, bo + j * nbs, nbs, d, do + j * nd, nd)
+        a2 = _stack(16, F32)
+        for l in range(16):
+            a2[l] = 0
+        for k in range(nb):
+            _prefetch(w, ro + k * ts, ts)
+            block2(a2, 0, w, ro + k * ts, q, j * n + k * qk, n, b, j * nbs + k * bpb, nbs, d, j * nd + k, nd)
+        out[j, r] = simd.hsum(a2, 0)
+        out[j + 1, r] = simd.hsum(a2, 8)
         j += 2
     if j < T:
-        block1(accf, fo + 8 * j, w, o, q, qo + j * n, 0, b, bo + j * nbs, 0, d, do + j * nd, 0)
+        a1 = _stack(8, F32)
+        for l in range(8):
+            a1[l] = 0
+        for k in range(nb):
+            _prefetch(w, ro + k * ts, ts)
+            block1(a1, 0, w, ro + k * ts, q, j * n + k * qk, 0, b, j * nbs + k * bpb, 0, d, j * nd + k, 0)
+        out[j, r] = simd.hsum(a1, 0)
 
 
 @njit(cache=True, inline="always")
@@ -213,19 +233,8 @@ def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.
     nb, rb, T = wg.shape[1] // ts, wg.shape[1], q.shape[0]
     n, nbs, nd, fill = q.shape[1], b.shape[1], d.shape[1], dg.shape[0] > 0
     for r in prange(wg.shape[0]):
-        accf = _stack(GLU_LANES, F32)
-        for l in range(8 * T):
-            accf[l] = 0
-            accf[8 * FEW + l] = 0
-        for k in range(nb):
-            o = r * rb + k * ts
-            _prefetch(wg, o, ts)
-            _prefetch(wu, o, ts)
-            _rows_block(accf, 0, wg, o, q, k * qk, n, b, k * bpb, nbs, d, k, nd, T, block1, block2, block4)
-            _rows_block(accf, 8 * FEW, wu, o, q, k * qk, n, b, k * bpb, nbs, d, k, nd, T, block1, block2, block4)
-        for j in range(T):
-            g[j, r] = simd.hsum(accf, 8 * j)
-            u[j, r] = simd.hsum(accf, 8 * FEW + 8 * j)
+        _row_dots(wg, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, T, g, r, block1, block2, block4)
+        _row_dots(wu, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, T, u, r, block1, block2, block4)
         if fill:
             simd.copy(dg, r * rb, wg, r * rb, rb)
             simd.copy(du, r * rb, wu, r * rb, rb)
@@ -255,13 +264,8 @@ def _mm_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.nd
                     for j in range(MT):
                         if s + j >= t0:
                             out[s + j, r] = simd.hsum(accf, 8 * j)
-                else:                                # a few rows (a decode batch): each block for all of them
-                    for k in range(nb):
-                        _prefetch(w, r * rb + k * ts, ts)
-                        _rows_block(accf, 0, w, r * rb + k * ts, q, k * qk, n, b, k * bpb, nbs, d, k, nd, T,
-                                    block1, block2, block4)
-                    for j in range(T):
-                        out[j, r] = simd.hsum(accf, 8 * j)
+                else:                                # a few rows (a decode batch)
+                    _row_dots(w, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, T, out, r, block1, block2, block4)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
