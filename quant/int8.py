@@ -185,41 +185,40 @@ def _mv_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.nd
 
 
 @njit(cache=True, inline="always")
+def _group(w: np.ndarray, ro: int, nb: int, ts: int, q: np.ndarray, n: int, qk: int, b: np.ndarray, nbs: int,
+           bpb: int, d: np.ndarray, nd: int, j: int, rows: int, out: np.ndarray, r: int, block: Callable) -> None:
+    """out[j:j + rows, r] = the weight row at byte ro . activation rows j.., for the `rows` (4, 2 or 1) that `block`
+    takes at once; the accumulators are read only at constant offsets, so they stay in registers."""
+    acc = _stack(32, F32)
+    for l in range(32):
+        acc[l] = 0
+    for k in range(nb):
+        _prefetch(w, ro + k * ts, ts)
+        block(acc, 0, w, ro + k * ts, q, j * n + k * qk, n, b, j * nbs + k * bpb, nbs, d, j * nd + k, nd)
+    out[j, r] = simd.hsum(acc, 0)
+    if rows > 1:
+        out[j + 1, r] = simd.hsum(acc, 8)
+    if rows > 2:
+        out[j + 2, r] = simd.hsum(acc, 16)
+        out[j + 3, r] = simd.hsum(acc, 24)
+
+
+@njit(cache=True, inline="always")
 def _row_dots(w: np.ndarray, ro: int, nb: int, ts: int, q: np.ndarray, n: int, qk: int, b: np.ndarray, nbs: int,
               bpb: int, d: np.ndarray, nd: int, T: int, out: np.ndarray, r: int, block1: Callable, block2: Callable,
               block4: Callable) -> None:
     """out[t, r] = the weight row at byte ro . activation row t, for t < T (up to FEW): the activation rows in
-    groups of 4, then 2, then 1, each group's accumulators at constant offsets (registers) over all of the row's
-    blocks, the row's bytes read again from L1 for the next group; every row's sum is the one-row kernel's."""
+    groups of 4, then 2, then 1, each group over all of the row's blocks (the row's bytes read again from L1 for
+    the next group); every row's sum is the one-row kernel's."""
     j = 0
     while j + 4 <= T:
-        a4 = _stack(32, F32)
-        for l in range(32):
-            a4[l] = 0
-        for k in range(nb):
-            _prefetch(w, ro + k * ts, ts)
-            block4(a4, 0, w, ro + k * ts, q, j * n + k * qk, n, b, j * nbs + k * bpb, nbs, d, j * nd + k, nd)
-        for t in range(4):
-            out[j + t, r] = simd.hsum(a4, 8 * t)
+        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, j, 4, out, r, block4)
         j += 4
     if j + 2 <= T:
-        a2 = _stack(16, F32)
-        for l in range(16):
-            a2[l] = 0
-        for k in range(nb):
-            _prefetch(w, ro + k * ts, ts)
-            block2(a2, 0, w, ro + k * ts, q, j * n + k * qk, n, b, j * nbs + k * bpb, nbs, d, j * nd + k, nd)
-        out[j, r] = simd.hsum(a2, 0)
-        out[j + 1, r] = simd.hsum(a2, 8)
+        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, j, 2, out, r, block2)
         j += 2
     if j < T:
-        a1 = _stack(8, F32)
-        for l in range(8):
-            a1[l] = 0
-        for k in range(nb):
-            _prefetch(w, ro + k * ts, ts)
-            block1(a1, 0, w, ro + k * ts, q, j * n + k * qk, 0, b, j * nbs + k * bpb, 0, d, j * nd + k, 0)
-        out[j, r] = simd.hsum(a1, 0)
+        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, j, 1, out, r, block1)
 
 
 @njit(cache=True, inline="always")
