@@ -107,7 +107,7 @@ def corpus(model: Model, n_train: int, n_valid: int, max_tokens: int) -> tuple[l
 
 def accuracy_table(tr, va, preds: dict, top_ls: list[int]) -> None:
     actual = va.usage("all")                                                 # (P, L, E)
-    rows = {name: p for name, p in preds.items()}
+    rows = dict(preds)
     rows["most frequent experts"] = most_frequent(tr.usage("all"), va.n_prompts)
     rows["previous prompt's experts"] = previous_prompt(actual, tr.usage("all").mean(0))
     L = actual.shape[1]

@@ -235,7 +235,7 @@ class ExpertCache:
         for key in keys:
             if key in self.arena:
                 continue
-            if self._load(key, self._protected) is None:
+            if self._load(key, self._protected, preload=True) is None:
                 break
             self.stats[key[0]].preloaded += 1
 
@@ -266,11 +266,12 @@ class ExpertCache:
             return np.full(weights.shape, Tier.COLD, dtype=np.int8)
         return miss_tiers(weights, self.opt.miss_t1, self.opt.miss_t2)
 
-    def _load(self, key: Key, pinned: set[Key], computing: bool = False) -> Expert | None:
+    def _load(self, key: Key, pinned: set[Key], computing: bool = False, preload: bool = False) -> Expert | None:
         """Bring `key`'s hot copy into the arena, evicting an unpinned resident if full; None if nothing can go.
-        `computing`: the result is computed with at once, so a RAM arena leaves the copy to that computation."""
+        `computing`: the result is computed with at once, so a RAM arena leaves the copy to that computation;
+        `preload`: a predicted expert loaded before its prompt (the policy evicts the unpredicted, `pinned`)."""
         if not self.arena.free:
-            if self._expect is not None and pinned is not self._protected:
+            if self._expect is not None and not preload:
                 victim = self._least_expected(key, pinned)
             else:
                 victim = self.policy.victim(self.arena.slot_of, pinned, key[0])
