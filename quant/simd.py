@@ -109,6 +109,13 @@ def _f16_pair(builder: ir.IRBuilder, data: Any, off: Any) -> tuple[Any, Any]:
     return builder.extract_element(f, ir.Constant(_I32, 0)), builder.extract_element(f, ir.Constant(_I32, 1))
 
 
+def _f16(builder: ir.IRBuilder, data: Any, off: Any, second: bool = False) -> Any:
+    """The fp16 at bytes off..off+2 (second=False) or off+2..off+4 as float32, read as a 4-byte word: a lone 2-byte
+    load becomes vpinsrw into a live register, whose old value (often an accumulator) the conversion then waits for."""
+    a, b = _f16_pair(builder, data, off)
+    return b if second else a
+
+
 def _block_data(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> tuple[Any, ...]:
     """A block intrinsic's data pointers: accumulators, weights, activation quants, their sums, their scales
     (arguments 0, 2, 4, 7, 10 of the shared signature)."""
@@ -196,7 +203,7 @@ def _make_q6_k_block(ntok: int) -> Any:
             sc32 = [builder.sext(builder.shuffle_vector(sc16, ir.Constant(_W16, ir.Undefined),
                                                         ir.Constant(ir.VectorType(_I32, 8), list(range(8 * i, 8 * i + 8)))), _D8)
                     for i in range(2)]
-            dw = builder.fpext(builder.bitcast(_load_at(builder, wd, _plus(builder, wo_v, 208), _I16), ir.HalfType()), _F32)
+            dw = _f16(builder, wd, _plus(builder, wo_v, 206), second=True)
             quants, scales = [], []
             for n in range(2):
                 for g in range(4):
@@ -301,7 +308,7 @@ def _make_legacy_block(ntok: int, q4: bool) -> Any:
         def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
             accf_v, fo_v, w_v, wo_v, q_v, qo_v, qs_v, s_v, so_v, ss_v, d_v, do_v, ds_v = args
             fa, wd, qd, sd, dd = _block_data(context, builder, sig, args)
-            dw = builder.fpext(builder.bitcast(_load_at(builder, wd, wo_v, _I16), ir.HalfType()), _F32)
+            dw = _f16(builder, wd, wo_v)
             if q4:
                 wv = _load_at(builder, wd, _plus(builder, wo_v, 2), _B16)
                 m = ir.Constant(_B16, [15] * 16)
