@@ -1,5 +1,9 @@
 """hotcold: quantized inference for Mixture-of-Experts models with hot/cold expert tiers."""
+from hotcold.kernel_cache import use_kernel_cache
+
 __version__ = "0.1.0"
+
+use_kernel_cache()
 
 
 def __getattr__(name: str):
