@@ -16,7 +16,7 @@ from numba import get_thread_id, njit, prange
 from typing import Callable
 
 from hotcold.quant.fp import bits_f32, f32_bits, f32_to_f16, nearest_int
-from hotcold.quant.kernels import _f16_bits_to_f32, _stack
+from hotcold.quant.kernels import _stack, f16_value
 from hotcold.quant.vec import silu_mul, v_expf  # silu_mul: ggml's SwiGLU, shared with quant.int8
 
 F32 = np.float32
@@ -144,7 +144,7 @@ def attention_f16(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, out: np.
     """As `attention` over an F16 cache (k, v hold fp16 bits), with llama.cpp's roundings: the query rounded
     to fp16 before q.k (ggml converts it to the cache's vec_dot type), the probabilities rounded to fp16
     before they weight V."""
-    _attend(q, k, v, p0, out, scratch, _f16_bits_to_f32, _round_f16)
+    _attend(q, k, v, p0, out, scratch, f16_value, _round_f16)
 
 
 @njit(cache=True, parallel=True, fastmath=_ATT_MATH)
@@ -159,7 +159,7 @@ def attention_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, c0: np.ndarray, 
 def attention_rows_f16(q: np.ndarray, k: np.ndarray, v: np.ndarray, c0: np.ndarray, span: np.ndarray,
                        out: np.ndarray, scratch: np.ndarray) -> None:
     """attention_rows over an F16 cache, with attention_f16's roundings."""
-    _attend_rows(q, k, v, c0, span, out, scratch, _f16_bits_to_f32, _round_f16)
+    _attend_rows(q, k, v, c0, span, out, scratch, f16_value, _round_f16)
 
 
 @njit(cache=True, inline="always")

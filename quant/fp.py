@@ -39,6 +39,24 @@ def bits_f32(typingctx, x):
     return types.float32(x), codegen
 
 
+@intrinsic
+def f16_hw(typingctx, h):
+    """fp16 bits -> float32 by the hardware's conversion (F16C's vcvtph2ps, vectorised in loops): the same value as
+    f16_to_f32 for every number and infinity. Use only where F16C is there (fp.F16C); elsewhere LLVM calls a
+    runtime helper."""
+    if not isinstance(h, types.Integer) or h.bitwidth != 16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        from llvmlite import ir
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(h), codegen
+
+
+F16C = bool(__import__("llvmlite.binding", fromlist=["get_host_cpu_features"]).get_host_cpu_features().get("f16c"))
+
+
 # fp16 -> fp32 for every bit pattern, like ggml's ggml_table_f32_f16; Numba freezes it as a constant.
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 

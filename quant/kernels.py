@@ -14,7 +14,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .dequant import _f16
-from .fp import bits_f32, e8m0_to_f32_half, f32_bits
+from .fp import F16C, bits_f32, e8m0_to_f32_half, f16_hw, f32_bits
 from .legacy import KVALUES_IQ4NL
 from .types import WEIGHT_TYPES, QType, QTypeLike, QuantError, resolve, row_bytes
 
@@ -103,6 +103,11 @@ def _f16_bits_to_f32(h: int) -> np.float32:
     if (u & U32(0x7C00)) == U32(0x7C00):
         f = bits_f32(em | U32(0x7F800000))
     return bits_f32(f32_bits(f) | U32((u & U32(0x8000)) << U32(16)))
+
+
+# fp16 as the hot loops read it: F16C's conversion where the CPU has it (the same values, ~1.5x faster in
+# attention over an F16 cache), else the formula above
+f16_value = f16_hw if F16C else _f16_bits_to_f32
 
 
 @njit(cache=True, inline="always")
@@ -642,7 +647,7 @@ def _matvec_f32(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
 
 @njit(cache=True, parallel=True, fastmath=_MV_MATH)
 def _matvec_f16(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    _matvec_float_rows(w, x, out, _f16_bits_to_f32)
+    _matvec_float_rows(w, x, out, f16_value)
 
 
 @njit(cache=True, parallel=True, fastmath=_MV_MATH)
@@ -717,7 +722,7 @@ def _matmul_f32(w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
 
 @njit(cache=True, parallel=True, fastmath=_MM_MATH)
 def _matmul_f16(w: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
-    _matmul_float_rows(w, X, out, _f16_bits_to_f32)
+    _matmul_float_rows(w, X, out, f16_value)
 
 
 @njit(cache=True, parallel=True, fastmath=_MM_MATH)
