@@ -9,7 +9,8 @@ ggml_vec_dot_*_q8_K / _q8_0. The activations' error is llama.cpp's own, so resul
 rather than the float kernels' (kernels.py), which stay for the other types and for CPUs without AVX2.
 
 One kernel per type and shape: `mv` for one activation row (accumulators in registers), `mm` for several,
-in tiles of 4 rows x 4 activation rows, each weight block decoded once per tile.
+in tiles of 4 rows x 4 activation rows, each weight block decoded once per tile; up to 8 rows (a decode batch's
+rows of one expert) in one pass over each weight row, with a block intrinsic for each row count.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ F32 = np.float32
 MR = 4   # weight rows per matmul tile
 MT = 4   # activation rows per matmul tile (unrolled: their accumulators stay in registers)
 LANES = 8 * MT  # accumulator lanes per matmul tile
-FEW = 8         # up to this many activation rows (a decode batch) take each weight block one row at a time
+FEW = simd.ROWS  # up to this many activation rows (a decode batch) go through each weight row in one pass
 FEW_LANES = 8 * max(MT, FEW)
 PREFETCH = 2048  # bytes ahead a one-row kernel asks for its weights (chosen by measurement among 1-4 KiB)
 
@@ -149,7 +150,9 @@ def mv_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: n
 def mm_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
     """out[t, r] = row r of Q4_K w . activation row t, for activations (T, .); tiles of MR weight rows x MT
     activation rows, each weight block decoded once for the MT rows (the last tile overlaps the one before)."""
-    _mm_k(w, q, d, b32, out, 144, 8, simd.q4_k_block1, simd.q4_k_block2, simd.q4_k_block4)
+    _mm_k(w, q, d, b32, out, 144, 8,
+          simd.q4_k_block1, simd.q4_k_block2, simd.q4_k_block3, simd.q4_k_block4,
+          simd.q4_k_block5, simd.q4_k_block6, simd.q4_k_block7, simd.q4_k_block8)
 
 
 # ---- Q5_K and Q6_K x Q8_K ----
@@ -196,70 +199,74 @@ def _one_row(w: np.ndarray, ro: int, nb: int, ts: int, q: np.ndarray, qk: int, b
 
 @njit(cache=True, inline="always")
 def _group(w: np.ndarray, ro: int, nb: int, ts: int, q: np.ndarray, n: int, qk: int, b: np.ndarray, nbs: int,
-           bpb: int, d: np.ndarray, nd: int, j: int, rows: int, out: np.ndarray, r: int, block: Callable) -> None:
-    """out[j:j + rows, r] = the weight row at byte ro . activation rows j.., for the `rows` (4, 2 or 1) that `block`
-    takes at once; the accumulators are read only at constant offsets, so they stay in registers."""
-    acc = _stack(32, F32)
-    for l in range(32):
+           bpb: int, d: np.ndarray, nd: int, rows: int, out: np.ndarray, r: int, block: Callable) -> None:
+    """out[:rows, r] = the weight row at byte ro . activation rows 0..rows-1, which `block` takes at once; the
+    accumulators are read only at constant offsets (rows is a constant where this is inlined), so they stay in
+    registers."""
+    acc = _stack(FEW_LANES, F32)
+    for l in range(8 * rows):
         acc[l] = 0
     for k in range(nb):
         _prefetch(w, ro + k * ts, ts)
-        block(acc, 0, w, ro + k * ts, q, j * n + k * qk, n, b, j * nbs + k * bpb, nbs, d, j * nd + k, nd)
-    out[j, r] = simd.hsum(acc, 0)
-    if rows > 1:
-        out[j + 1, r] = simd.hsum(acc, 8)
-    if rows > 2:
-        out[j + 2, r] = simd.hsum(acc, 16)
-        out[j + 3, r] = simd.hsum(acc, 24)
+        block(acc, 0, w, ro + k * ts, q, k * qk, n, b, k * bpb, nbs, d, k, nd)
+    for i in range(rows):
+        out[i, r] = simd.hsum(acc, 8 * i)
 
 
 @njit(cache=True, inline="always")
 def _row_dots(w: np.ndarray, ro: int, nb: int, ts: int, q: np.ndarray, n: int, qk: int, b: np.ndarray, nbs: int,
-              bpb: int, d: np.ndarray, nd: int, T: int, out: np.ndarray, r: int, block1: Callable, block2: Callable,
-              block4: Callable) -> None:
-    """out[t, r] = the weight row at byte ro . activation row t, for t < T (up to FEW): the activation rows in
-    groups of 4, then 2, then 1, each group over all of the row's blocks (the row's bytes read again from L1 for
-    the next group); every row's sum is the one-row kernel's."""
-    j = 0
-    while j + 4 <= T:
-        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, j, 4, out, r, block4)
-        j += 4
-    if j + 2 <= T:
-        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, j, 2, out, r, block2)
-        j += 2
-    if j < T:
-        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, j, 1, out, r, block1)
+              bpb: int, d: np.ndarray, nd: int, T: int, out: np.ndarray, r: int, b1: Callable, b2: Callable,
+              b3: Callable, b4: Callable, b5: Callable, b6: Callable, b7: Callable, b8: Callable) -> None:
+    """out[t, r] = the weight row at byte ro . activation row t, for t < T (1..FEW): one pass over the row with
+    the block for T rows, each weight block decoded once for all of them (a pass per group of 4, 2 and 1 rows
+    made 3 rows cost as much as 4, and 5 about 1.3x more than one pass); every row's sum is the one-row
+    kernel's."""
+    if T == 1:
+        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 1, out, r, b1)
+    elif T == 2:
+        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 2, out, r, b2)
+    elif T == 3:
+        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 3, out, r, b3)
+    elif T == 4:
+        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 4, out, r, b4)
+    elif T == 5:
+        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 5, out, r, b5)
+    elif T == 6:
+        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 6, out, r, b6)
+    elif T == 7:
+        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 7, out, r, b7)
+    else:
+        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 8, out, r, b8)
 
 
 @njit(cache=True, inline="always")
 def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray, u: np.ndarray,
-            dg: np.ndarray, du: np.ndarray, ts: int, bpb: int, block1: Callable, block2: Callable, block4: Callable,
-            qk: int = 256) -> None:
-    """g[t] = silu(wg . x_t) * (wu . x_t) for up to FEW activation rows x_t: SwiGLU's gate and up in one parallel
-    pass (each sum in _mv_k's order: the same values whatever the rows), then ggml's SwiGLU over the rows once
-    (a call per row costs more than the row's dot products). dg and du, if not empty, get wg's and wu's rows as
-    they are read (as _mv_k's dst)."""
-    nb, rb, T = wg.shape[1] // ts, wg.shape[1], q.shape[0]
-    n, nbs, nd = q.shape[1], b.shape[1], d.shape[1]
+            dg: np.ndarray, du: np.ndarray, ts: int, bpb: int, block1: Callable, qk: int = 256) -> None:
+    """g = silu(wg . x) * (wu . x) for one activation row x: SwiGLU's gate and up in one parallel pass (each sum
+    _mv_k's), then ggml's SwiGLU. dg and du, if not empty, get wg's and wu's rows as they are read (as _mv_k's
+    dst)."""
+    nb, rb = wg.shape[1] // ts, wg.shape[1]
     if dg.shape[0] > 0:                  # two loops: a run-time branch in one halves its speed (Q8_0, one thread)
         for r in prange(wg.shape[0]):
-            _row_dots(wg, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, T, g, r, block1, block2, block4)
-            _row_dots(wu, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, T, u, r, block1, block2, block4)
+            _one_row(wg, r * rb, nb, ts, q, qk, b, bpb, d, g, r, block1)
+            _one_row(wu, r * rb, nb, ts, q, qk, b, bpb, d, u, r, block1)
             simd.copy(dg, r * rb, wg, r * rb, rb)
             simd.copy(du, r * rb, wu, r * rb, rb)
     else:
         for r in prange(wg.shape[0]):
-            _row_dots(wg, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, T, g, r, block1, block2, block4)
-            _row_dots(wu, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, T, u, r, block1, block2, block4)
+            _one_row(wg, r * rb, nb, ts, q, qk, b, bpb, d, g, r, block1)
+            _one_row(wu, r * rb, nb, ts, q, qk, b, bpb, d, u, r, block1)
     silu_mul(g, u)
 
 
 @njit(cache=True, inline="always")
 def _mm_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray, ts: int, bpb: int,
-          block1: Callable, block2: Callable, block4: Callable, qk: int = 256) -> None:
+          b1: Callable, b2: Callable, b3: Callable, b4: Callable, b5: Callable, b6: Callable, b7: Callable,
+          b8: Callable, qk: int = 256) -> None:
     """out[t, r] for activations (T, .): tiles of MR weight rows x MT activation rows, each weight block decoded
-    once for the MT rows (the last tile overlaps the one before); up to FEW rows go one at a time through each
-    block, in the one-row kernel's order (the same sums: a row's result does not depend on the batch)."""
+    once for the MT rows (the last tile overlaps the one before); up to FEW rows (a decode batch) go through each
+    weight row in one pass (_row_dots), each row's sum the one-row kernel's (a row's result does not depend on
+    the batch)."""
     rows, nb, rb, T = w.shape[0], w.shape[1] // ts, w.shape[1], q.shape[0]
     n, nbs, nd = q.shape[1], b.shape[1], d.shape[1]
     for rt in prange((rows + MR - 1) // MR):
@@ -272,13 +279,14 @@ def _mm_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.nd
                 if T > FEW:
                     for k in range(nb):
                         _prefetch(w, r * rb + k * ts, ts)
-                        block4(accf, 0, w, r * rb + k * ts, q, s * n + k * qk, n, b, s * nbs + k * bpb, nbs,
-                               d, s * nd + k, nd)
+                        b4(accf, 0, w, r * rb + k * ts, q, s * n + k * qk, n, b, s * nbs + k * bpb,
+                                       nbs, d, s * nd + k, nd)
                     for j in range(MT):
                         if s + j >= t0:
                             out[s + j, r] = simd.hsum(accf, 8 * j)
                 else:                                # a few rows (a decode batch)
-                    _row_dots(w, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, T, out, r, block1, block2, block4)
+                    _row_dots(w, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, T, out, r, b1, b2, b3, b4, b5, b6, b7,
+                              b8)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -289,7 +297,9 @@ def mv_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: n
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, b32, out, 176, 8, simd.q5_k_block1, simd.q5_k_block2, simd.q5_k_block4)
+    _mm_k(w, q, d, b32, out, 176, 8,
+          simd.q5_k_block1, simd.q5_k_block2, simd.q5_k_block3, simd.q5_k_block4,
+          simd.q5_k_block5, simd.q5_k_block6, simd.q5_k_block7, simd.q5_k_block8)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -300,7 +310,9 @@ def mv_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: n
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, b16, out, 210, 16, simd.q6_k_block1, simd.q6_k_block2, simd.q6_k_block4)
+    _mm_k(w, q, d, b16, out, 210, 16,
+          simd.q6_k_block1, simd.q6_k_block2, simd.q6_k_block3, simd.q6_k_block4,
+          simd.q6_k_block5, simd.q6_k_block6, simd.q6_k_block7, simd.q6_k_block8)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -311,7 +323,9 @@ def mv_q2_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: n
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q2_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, b16, out, 84, 16, simd.q2_k_block1, simd.q2_k_block2, simd.q2_k_block4)
+    _mm_k(w, q, d, b16, out, 84, 16,
+          simd.q2_k_block1, simd.q2_k_block2, simd.q2_k_block3, simd.q2_k_block4,
+          simd.q2_k_block5, simd.q2_k_block6, simd.q2_k_block7, simd.q2_k_block8)
 
 
 # ---- Q8_0 and Q4_0 x Q8_0 ----
@@ -327,7 +341,9 @@ def mv_q8_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q8_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, s, out, 34, 1, simd.q8_0_block1, simd.q8_0_block2, simd.q8_0_block4, 32)
+    _mm_k(w, q, d, s, out, 34, 1,
+          simd.q8_0_block1, simd.q8_0_block2, simd.q8_0_block3, simd.q8_0_block4,
+          simd.q8_0_block5, simd.q8_0_block6, simd.q8_0_block7, simd.q8_0_block8, 32)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -338,7 +354,9 @@ def mv_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, s, out, 18, 1, simd.q4_0_block1, simd.q4_0_block2, simd.q4_0_block4, 32)
+    _mm_k(w, q, d, s, out, 18, 1,
+          simd.q4_0_block1, simd.q4_0_block2, simd.q4_0_block3, simd.q4_0_block4,
+          simd.q4_0_block5, simd.q4_0_block6, simd.q4_0_block7, simd.q4_0_block8, 32)
 
 
 # ---- SwiGLU's gate and up against one activation row ----
@@ -346,37 +364,37 @@ def mm_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q2_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
                 u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 84, 16, simd.q2_k_block1, simd.q2_k_block2, simd.q2_k_block4)
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 84, 16, simd.q2_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q4_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
               u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 144, 8, simd.q4_k_block1, simd.q4_k_block2, simd.q4_k_block4)
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 144, 8, simd.q4_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q5_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
               u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 176, 8, simd.q5_k_block1, simd.q5_k_block2, simd.q5_k_block4)
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 176, 8, simd.q5_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q6_k(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
               u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 210, 16, simd.q6_k_block1, simd.q6_k_block2, simd.q6_k_block4)
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 210, 16, simd.q6_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q8_0(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
               u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 34, 1, simd.q8_0_block1, simd.q8_0_block2, simd.q8_0_block4, 32)
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 34, 1, simd.q8_0_block1, 32)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_q4_0(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
               u: np.ndarray, dg: np.ndarray, du: np.ndarray) -> None:
-    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 18, 1, simd.q4_0_block1, simd.q4_0_block2, simd.q4_0_block4, 32)
+    _mv_glu(wg, wu, q, d, b, g, u, dg, du, 18, 1, simd.q4_0_block1, 32)
 
 
 # ---- dispatch ----
@@ -413,5 +431,14 @@ def swiglu_product(wg: np.ndarray, wu: np.ndarray, qtype: QType, a: Acts, g: np.
                    dg: np.ndarray = NO_FILL, du: np.ndarray = NO_FILL) -> None:
     """g (n, rows) = silu(x . wg.T) * (x . wu.T) for the n <= FEW activation rows bound to `a`, u (n, rows) its
     room for the up product (ggml_vec_swiglu_f32's values, as product then silu_mul give them); `qtype`, both
-    matrices', must be in GLU. dg and du (writable, of wg's shape) get the weights' rows as they are read."""
-    GLU[qtype](wg, wu, *a.operands(qtype), g, u, dg, du)
+    matrices', must be in GLU. With one row, gate and up go in one parallel pass, and dg and du (writable, of wg's
+    shape) get the weights' rows as they are read; with more, the two products run one after the other (one
+    kernel for both would compile for twice as long as the product's)."""
+    if a.rows == 1:
+        GLU[qtype](wg, wu, *a.operands(qtype), g, u, dg, du)
+        return
+    if dg.shape[0]:
+        raise ValueError("a slot is filled by a one-row SwiGLU only")
+    product(wg, qtype, a, g)
+    product(wu, qtype, a, u)
+    silu_mul(g, u)

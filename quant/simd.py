@@ -122,6 +122,22 @@ def _block_data(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> tup
     return tuple(context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 4, 7, 10))
 
 
+ROWS = 8   # blocks exist for 1..ROWS activation rows: a decode batch's rows of one expert go in one pass
+
+
+def _chains(ntok: int) -> int:
+    """Independent integer accumulators per activation row: four hide the multiply-add latency for one row;
+    with more rows the rows' own chains do, and four each would not fit the registers."""
+    return 4 if ntok <= 3 else 1
+
+
+def _sum(builder: ir.IRBuilder, vs: list) -> Any:
+    """The sum of int32 vectors in pairs (the integer total is exact, whatever the order)."""
+    while len(vs) > 1:
+        vs = [builder.add(vs[i], vs[i + 1]) for i in range(0, len(vs) - 1, 2)] + ([vs[-1]] if len(vs) % 2 else [])
+    return vs[0]
+
+
 def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
     """Q4_K (or Q5_K, five=True) blocks against Q8_K activations: scales, mins and quants decoded once into
     registers, then dotted with each of ntok activation rows."""
@@ -155,14 +171,12 @@ def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
                 nib += pair
             for t in range(ntok):                                    # each activation row reuses nib and scales
                 qt = builder.add(qo_v, builder.mul(qs_v, ir.Constant(qs_v.type, t)))
-                chains = []
-                for c in range(4):
-                    acc = ir.Constant(_D8, [0] * 8)
-                    for h in range(2):
-                        qv = _load_at(builder, qd, _plus(builder, qt, 64 * c + 32 * h), _B32)
-                        acc = _madd_acc(builder, acc, _maddubs(builder, nib[2 * c + h], qv), scales[2 * c + h])
-                    chains.append(acc)
-                total = builder.add(builder.add(chains[0], chains[1]), builder.add(chains[2], chains[3]))
+                chains = [ir.Constant(_D8, [0] * 8)] * _chains(ntok)
+                for i in range(8):                                   # sub-block i: 32 quants at 32i
+                    qv = _load_at(builder, qd, _plus(builder, qt, 32 * i), _B32)
+                    k = i % len(chains)
+                    chains[k] = _madd_acc(builder, chains[k], _maddubs(builder, nib[i], qv), scales[i])
+                total = _sum(builder, chains)
                 bt = builder.add(bo_v, builder.mul(bs_v, ir.Constant(bs_v.type, t)))
                 msum = builder.mul(mins, _load_at(builder, bd, bt, _D8, align=4))
                 dx = _load_at(builder, dd, builder.add(do_v, builder.mul(ds_v, ir.Constant(ds_v.type, t))), _F32, 4)
@@ -178,12 +192,14 @@ def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
     return q4_k_block
 
 
-q4_k_block1 = _make_q4_k_block(1)   # accf[fo:fo+8] += one Q4_K block (bytes wo..) . one Q8_K block (q at qo)
-q4_k_block4 = _make_q4_k_block(4)   # ... for four activation rows, q at qo + t*qs, b32 at bo + t*bs, d at do + t*ds
-q5_k_block1, q5_k_block4 = _make_q4_k_block(1, five=True), _make_q4_k_block(4, five=True)
-# two rows: a few-row product (a decode batch) decodes each weight block once per pair; each row's arithmetic is
-# the one-row block's, so its result does not depend on the rows beside it
-q4_k_block2, q5_k_block2 = _make_q4_k_block(2), _make_q4_k_block(2, five=True)
+# q4_k_block<t>: accf[fo + 8i : +8] += one Q4_K block (bytes wo..) . the Q8_K block of activation row i < t
+# (q at qo + i*qs, b32 at bo + i*bs, d at do + i*ds). A few-row product (a decode batch) decodes each weight
+# block once for all its rows; each row's arithmetic is the one-row block's, so its result does not depend on
+# the rows beside it.
+q4_k_block1, q4_k_block2, q4_k_block3, q4_k_block4, q4_k_block5, q4_k_block6, q4_k_block7, q4_k_block8 = (
+    _make_q4_k_block(t) for t in range(1, ROWS + 1))
+q5_k_block1, q5_k_block2, q5_k_block3, q5_k_block4, q5_k_block5, q5_k_block6, q5_k_block7, q5_k_block8 = (
+    _make_q4_k_block(t, five=True) for t in range(1, ROWS + 1))
 
 
 def _make_q6_k_block(ntok: int) -> Any:
@@ -216,11 +232,12 @@ def _make_q6_k_block(ntok: int) -> Any:
                                                          ir.Constant(ir.VectorType(_I32, 16), [j] * 8 + [j + 1] * 8)))
             for t in range(ntok):
                 qt = _row(builder, qo_v, qs_v, t)
-                chains = [ir.Constant(_D8, [0] * 8) for _ in range(4)]
+                chains = [ir.Constant(_D8, [0] * 8)] * _chains(ntok)
                 for i in range(8):                                   # group i: quants 32i..32i+31
                     qv = _load_at(builder, qd, _plus(builder, qt, 32 * i), _B32)
-                    chains[i % 4] = _madd_acc(builder, chains[i % 4], _maddubs(builder, quants[i], qv), scales[i])
-                total = builder.add(builder.add(chains[0], chains[1]), builder.add(chains[2], chains[3]))
+                    k = i % len(chains)
+                    chains[k] = _madd_acc(builder, chains[k], _maddubs(builder, quants[i], qv), scales[i])
+                total = _sum(builder, chains)
                 bt = _row(builder, bo_v, bs_v, t)
                 m = builder.add(builder.mul(sc32[0], _load_at(builder, bd, bt, _D8, 4)),
                                 builder.mul(sc32[1], _load_at(builder, bd, _plus(builder, bt, 8), _D8, 4)))
@@ -232,7 +249,8 @@ def _make_q6_k_block(ntok: int) -> Any:
     return q6_k_block
 
 
-q6_k_block1, q6_k_block2, q6_k_block4 = _make_q6_k_block(1), _make_q6_k_block(2), _make_q6_k_block(4)
+q6_k_block1, q6_k_block2, q6_k_block3, q6_k_block4, q6_k_block5, q6_k_block6, q6_k_block7, q6_k_block8 = (
+    _make_q6_k_block(t) for t in range(1, ROWS + 1))
 
 
 def _make_q2_k_block(ntok: int) -> Any:
@@ -264,11 +282,12 @@ def _make_q2_k_block(ntok: int) -> Any:
                                                          ir.Constant(ir.VectorType(_I32, 16), [k] * 8 + [k + 1] * 8)))
             for t in range(ntok):
                 qt = _row(builder, qo_v, qs_v, t)
-                chains = [ir.Constant(_D8, [0] * 8) for _ in range(4)]
-                for i in range(8):
+                chains = [ir.Constant(_D8, [0] * 8)] * _chains(ntok)
+                for i in range(8):                                   # group i: quants 32i..32i+31
                     qv = _load_at(builder, qd, _plus(builder, qt, 32 * i), _B32)
-                    chains[i % 4] = _madd_acc(builder, chains[i % 4], _maddubs(builder, quants[i], qv), scales[i])
-                total = builder.add(builder.add(chains[0], chains[1]), builder.add(chains[2], chains[3]))
+                    k = i % len(chains)
+                    chains[k] = _madd_acc(builder, chains[k], _maddubs(builder, quants[i], qv), scales[i])
+                total = _sum(builder, chains)
                 bt = _row(builder, bo_v, bs_v, t)
                 m = builder.add(builder.mul(mins[0], _load_at(builder, bd, bt, _D8, 4)),
                                 builder.mul(mins[1], _load_at(builder, bd, _plus(builder, bt, 8), _D8, 4)))
@@ -280,7 +299,8 @@ def _make_q2_k_block(ntok: int) -> Any:
     return q2_k_block
 
 
-q2_k_block1, q2_k_block2, q2_k_block4 = _make_q2_k_block(1), _make_q2_k_block(2), _make_q2_k_block(4)
+q2_k_block1, q2_k_block2, q2_k_block3, q2_k_block4, q2_k_block5, q2_k_block6, q2_k_block7, q2_k_block8 = (
+    _make_q2_k_block(t) for t in range(1, ROWS + 1))
 
 
 def _accumulate(builder: ir.IRBuilder, fa: Any, fo: Any, t: int, vals: Any, scale: Any) -> None:
@@ -330,8 +350,10 @@ def _make_legacy_block(ntok: int, q4: bool) -> Any:
     return block
 
 
-q8_0_block1, q8_0_block2, q8_0_block4 = (_make_legacy_block(t, False) for t in (1, 2, 4))
-q4_0_block1, q4_0_block2, q4_0_block4 = (_make_legacy_block(t, True) for t in (1, 2, 4))
+q8_0_block1, q8_0_block2, q8_0_block3, q8_0_block4, q8_0_block5, q8_0_block6, q8_0_block7, q8_0_block8 = (
+    _make_legacy_block(t, False) for t in range(1, ROWS + 1))
+q4_0_block1, q4_0_block2, q4_0_block3, q4_0_block4, q4_0_block5, q4_0_block6, q4_0_block7, q4_0_block8 = (
+    _make_legacy_block(t, True) for t in range(1, ROWS + 1))
 
 
 @intrinsic
