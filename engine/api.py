@@ -135,10 +135,10 @@ class Model:
         """A prompt of two tokens and one decode step, as llama.cpp warms up at load: the kernels compile (or
         load from Numba's cache) now, so that no prompt is timed with compilation in it. Through the plain
         store, so that no expert moves into an arena; the context is left empty."""
+        from . import precompile
         if kernels_uncached():
             print("compiling kernels (first run only)", file=sys.stderr, flush=True)
         if self._helper is not None:   # this process's part, then the helper's from the cache
-            from . import precompile
             helper, self._helper = self._helper, None
             try:
                 precompile.compile_all(self._precompile[0])
@@ -148,6 +148,8 @@ class Model:
                 except subprocess.TimeoutExpired:   # whatever it has not cached, the warm-up compiles
                     helper.kill()
                     helper.wait()
+        # every kernel, from the cache: the forward below does not call those for 5-8 or more than 8 rows
+        precompile.compile_all(self._precompile[0] + self._precompile[1])
         ctx, store = self.ctx, self.ctx.experts
         bos = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
         disk = self.plan is not None   # experts are never read through the map then: warm up through the store
@@ -176,8 +178,11 @@ class Model:
                 host.glu(e, host.acts(x, s.host_h_acts), s.host_ffn, s.moe_host[:n], act)
 
     def _start_precompile(self, opt: Options) -> Any:
-        """On a first run on the CPU, a second process compiling the kernels from the other end (precompile.py)."""
-        if opt.device != Device.CPU or not kernels_uncached() or numba.config.NUMBA_NUM_THREADS < 2:
+        """The kernels a CPU forward pass may call (self._precompile: the warm-up loads them all, so that none is
+        compiled or loaded during a prompt), and on a first run a second process compiling half of them
+        (precompile.py)."""
+        self._precompile = ([], [])
+        if opt.device != Device.CPU:
             return None
         from . import precompile
         files = [self.file.tensors.values()]
@@ -192,7 +197,9 @@ class Model:
                  and "_gate_inp" not in t.name]                                  # routers: small_matmul
         embd = self.file.tensors.get("token_embd.weight")
         args = (types, embd.qtype if embd is not None else QType.F32, opt.type_k == CacheType.F16)
-        self._precompile = precompile.signatures(*args)
+        self._precompile = precompile.signatures(*args, store=opt.residency)
+        if not kernels_uncached() or numba.config.NUMBA_NUM_THREADS < 2:
+            return None
         return precompile.start(*args)
 
     def _backend(self, opt: Options) -> Backend:

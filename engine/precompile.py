@@ -27,9 +27,10 @@ def _a(dtype: Any, ndim: int, readonly: bool = False) -> nt.Array:
 _KERNEL_VIEW = {QType.F32: _F32, QType.F16: _U16, QType.BF16: _U16}  # quant.kernels._FLOAT_VIEW
 
 
-def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool) -> tuple[list, list]:
+def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool, store: bool = True) -> tuple[list, list]:
     """(kernel, argument types) for every kernel a CPU forward pass calls, in two parts of about equal compile
-    time: the loading process's and the helper's."""
+    time: the loading process's and the helper's; store: with an expert store's arena copies (the loading
+    process's part)."""
     from hotcold.quant import dequant, int8
     from hotcold.quant.kernels import MATMUL, MATVEC
 
@@ -41,21 +42,24 @@ def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool) -> tupl
                                      (kernels.small_matmul, (f2, _a(_F32, 2, True), f2)),
                                      (kernels.scatter_add, (f2, _a(_I64, 1), f1, f2)),
                                      (kernels.scatter_add_block, (f2, f1, f2)),
-                                     (kernels.copy_expert, (_a(_U8, 1), *[_a(_U8, 2, True)] * 3))]   # arena loads
+                                     (kernels.route_softmax_topk, (f2, _I64, nt.boolean, f1, f1, _a(_I64, 2), f2, f2)),
+                                     (kernels.silu_mul, (f2, f2))]
+    if store:
+        mine.append((kernels.copy_expert, (_a(_U8, 1), *[_a(_U8, 2, True)] * 3)))    # arena loads
     quantizers = {QType.Q8_0: (int8.quantize_q8_0, (f2, _a(_I8, 2), f2, _a(_I32, 2))),
                   QType.Q8_K: (int8.quantize_q8_k, (f2, _a(_I8, 2), f2, _a(_I32, 2), _a(_I32, 2)))}
+    theirs: list[tuple[Any, tuple]] = []
     for t in dict.fromkeys(weight_types):
         if t in int8.KERNELS:
-            fmt, mv, mm = int8.KERNELS[t]
+            k = int8.KERNELS[t]
             w = (_a(_U8, 2, True), _a(_I8, 2), f2, _a(_I32, 2), f2)
-            mine += [quantizers[fmt], (mm, w), (mv, (*w, _a(_U8, 2)))]   # mv's last: the slot it fills, if any
+            mine += [quantizers[k.fmt], (k.mv, (*w, _a(_U8, 2))), (k.few, w), (k.mm, w)]   # mv's last: a slot
+            theirs.append((k.more, w))
         else:
             w = _a(_KERNEL_VIEW.get(t, _U8), 2, True)
             mine += [(MATMUL[t], (w, f2, f2)), (MATVEC[t], (w, f1, f1))]
     kv = _a(_U16 if kv_f16 else _F32, 3)
-    theirs = [((kernels.attention_f16 if kv_f16 else kernels.attention), (_a(_F32, 3), kv, kv, _I64, f2, f2)),
-              (kernels.route_softmax_topk, (f2, _I64, nt.boolean, f1, f1, _a(_I64, 2), f2, f2)),
-              (kernels.silu_mul, (f2, f2))]
+    theirs += [((kernels.attention_f16 if kv_f16 else kernels.attention), (_a(_F32, 3), kv, kv, _I64, f2, f2))]
     if kv_f16:
         theirs += [(kernels.store_f16, (f2, kv)), (kernels.store_kv_f16, (f2, f2, kv, kv, _I64))]
     glu = [t for t in dict.fromkeys(weight_types) if t in int8.GLU]

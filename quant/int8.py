@@ -14,7 +14,7 @@ rows of one expert) in one pass over each weight row, with a block intrinsic for
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from numba import njit, prange
@@ -31,7 +31,7 @@ MR = 4   # weight rows per matmul tile
 MT = 4   # activation rows per matmul tile (unrolled: their accumulators stay in registers)
 LANES = 8 * MT  # accumulator lanes per matmul tile
 FEW = simd.ROWS  # up to this many activation rows (a decode batch) go through each weight row in one pass
-FEW_LANES = 8 * max(MT, FEW)
+FEW_LANES = 8 * FEW
 PREFETCH = 2048  # bytes ahead a one-row kernel asks for its weights (chosen by measurement among 1-4 KiB)
 
 
@@ -148,11 +148,19 @@ def mv_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: n
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    """out[t, r] = row r of Q4_K w . activation row t, for activations (T, .); tiles of MR weight rows x MT
-    activation rows, each weight block decoded once for the MT rows (the last tile overlaps the one before)."""
-    _mm_k(w, q, d, b32, out, 144, 8,
-          simd.q4_k_block1, simd.q4_k_block2, simd.q4_k_block3, simd.q4_k_block4,
-          simd.q4_k_block5, simd.q4_k_block6, simd.q4_k_block7, simd.q4_k_block8)
+    """out[t, r] = row r of Q4_K w . activation row t, for more than FEW activation rows (see _mm_k); few_ and
+    more_ take 1-4 and 5-8 rows (_rows_k): two kernels, so that a first run's two processes compile them at once."""
+    _mm_k(w, q, d, b32, out, 144, 8, simd.q4_k_block4)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def few_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, b32, out, 144, 8, 2, 4, simd.q4_k_block2, simd.q4_k_block3, simd.q4_k_block4, simd.q4_k_block4)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def more_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, b32, out, 144, 8, 5, 8, simd.q4_k_block5, simd.q4_k_block6, simd.q4_k_block7, simd.q4_k_block8)
 
 
 # ---- Q5_K and Q6_K x Q8_K ----
@@ -173,14 +181,11 @@ def _mv_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.nd
           bpb: int, block1: Callable, qk: int = 256) -> None:
     """out[0, r] = row r . the activation row: a block of ts bytes against qk activations, bpb sums each. A dst of
     w's shape gets each row once it is read (an expert computed while it is loaded into an arena slot)."""
-    nb, rb = w.shape[1] // ts, w.shape[1]
-    if dst.shape[0] > 0:                 # two loops, as _mv_glu's
-        for r in prange(w.shape[0]):
-            _one_row(w, r * rb, nb, ts, q, qk, b, bpb, d, out, r, block1)
+    nb, rb, fill = w.shape[1] // ts, w.shape[1], dst.shape[0] > 0
+    for r in prange(w.shape[0]):
+        _one_row(w, r * rb, nb, ts, q, qk, b, bpb, d, out, r, block1)
+        if fill:
             simd.copy(dst, r * rb, w, r * rb, rb)
-    else:
-        for r in prange(w.shape[0]):
-            _one_row(w, r * rb, nb, ts, q, qk, b, bpb, d, out, r, block1)
 
 
 @njit(cache=True, inline="always")
@@ -214,29 +219,24 @@ def _group(w: np.ndarray, ro: int, nb: int, ts: int, q: np.ndarray, n: int, qk: 
 
 
 @njit(cache=True, inline="always")
-def _row_dots(w: np.ndarray, ro: int, nb: int, ts: int, q: np.ndarray, n: int, qk: int, b: np.ndarray, nbs: int,
-              bpb: int, d: np.ndarray, nd: int, T: int, out: np.ndarray, r: int, b1: Callable, b2: Callable,
-              b3: Callable, b4: Callable, b5: Callable, b6: Callable, b7: Callable, b8: Callable) -> None:
-    """out[t, r] = the weight row at byte ro . activation row t, for t < T (1..FEW): one pass over the row with
-    the block for T rows, each weight block decoded once for all of them (a pass per group of 4, 2 and 1 rows
-    made 3 rows cost as much as 4, and 5 about 1.3x more than one pass); every row's sum is the one-row
-    kernel's."""
-    if T == 1:
-        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 1, out, r, b1)
-    elif T == 2:
-        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 2, out, r, b2)
-    elif T == 3:
-        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 3, out, r, b3)
-    elif T == 4:
-        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 4, out, r, b4)
-    elif T == 5:
-        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 5, out, r, b5)
-    elif T == 6:
-        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 6, out, r, b6)
-    elif T == 7:
-        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 7, out, r, b7)
-    else:
-        _group(w, ro, nb, ts, q, n, qk, b, nbs, bpb, d, nd, 8, out, r, b8)
+def _rows_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray, ts: int, bpb: int, lo: int,
+            hi: int, ba: Callable, bb: Callable, bc: Callable, bd: Callable, qk: int = 256) -> None:
+    """out[t, r] = row r of w . activation row t for lo <= T <= hi (hi - lo < 4) activation rows (a decode batch's
+    rows of one expert): one pass over each weight row with the block for T rows (ba for lo rows, bb for lo + 1,
+    ...; lo and hi are constants, so the branches past hi compile to nothing), each
+    weight block decoded once for all of them (a pass per group of 4, 2 and 1 rows made 3 rows cost as much as 4,
+    and 5 about 1.3x more than one pass); every row's sum is the one-row kernel's, whatever the batch."""
+    nb, rb, T = w.shape[1] // ts, w.shape[1], q.shape[0]
+    n, nbs, nd = q.shape[1], b.shape[1], d.shape[1]
+    for r in prange(w.shape[0]):
+        if T == lo:
+            _group(w, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, lo, out, r, ba)
+        elif T == lo + 1:
+            _group(w, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, lo + 1, out, r, bb)
+        elif T == lo + 2 or hi == lo + 2:
+            _group(w, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, lo + 2, out, r, bc)
+        else:
+            _group(w, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, lo + 3, out, r, bd)
 
 
 @njit(cache=True, inline="always")
@@ -245,48 +245,37 @@ def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.
     """g = silu(wg . x) * (wu . x) for one activation row x: SwiGLU's gate and up in one parallel pass (each sum
     _mv_k's), then ggml's SwiGLU. dg and du, if not empty, get wg's and wu's rows as they are read (as _mv_k's
     dst)."""
-    nb, rb = wg.shape[1] // ts, wg.shape[1]
-    if dg.shape[0] > 0:                  # two loops: a run-time branch in one halves its speed (Q8_0, one thread)
-        for r in prange(wg.shape[0]):
-            _one_row(wg, r * rb, nb, ts, q, qk, b, bpb, d, g, r, block1)
-            _one_row(wu, r * rb, nb, ts, q, qk, b, bpb, d, u, r, block1)
+    nb, rb, fill = wg.shape[1] // ts, wg.shape[1], dg.shape[0] > 0
+    for r in prange(wg.shape[0]):
+        _one_row(wg, r * rb, nb, ts, q, qk, b, bpb, d, g, r, block1)
+        _one_row(wu, r * rb, nb, ts, q, qk, b, bpb, d, u, r, block1)
+        if fill:
             simd.copy(dg, r * rb, wg, r * rb, rb)
             simd.copy(du, r * rb, wu, r * rb, rb)
-    else:
-        for r in prange(wg.shape[0]):
-            _one_row(wg, r * rb, nb, ts, q, qk, b, bpb, d, g, r, block1)
-            _one_row(wu, r * rb, nb, ts, q, qk, b, bpb, d, u, r, block1)
     silu_mul(g, u)
 
 
 @njit(cache=True, inline="always")
 def _mm_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray, ts: int, bpb: int,
-          b1: Callable, b2: Callable, b3: Callable, b4: Callable, b5: Callable, b6: Callable, b7: Callable,
-          b8: Callable, qk: int = 256) -> None:
-    """out[t, r] for activations (T, .): tiles of MR weight rows x MT activation rows, each weight block decoded
-    once for the MT rows (the last tile overlaps the one before); up to FEW rows (a decode batch) go through each
-    weight row in one pass (_row_dots), each row's sum the one-row kernel's (a row's result does not depend on
-    the batch)."""
+          block4: Callable, qk: int = 256) -> None:
+    """out[t, r] for more than FEW activation rows (a prompt): tiles of MR weight rows x MT activation rows, each
+    weight block decoded once for the MT rows (the last tile overlaps the one before)."""
     rows, nb, rb, T = w.shape[0], w.shape[1] // ts, w.shape[1], q.shape[0]
     n, nbs, nd = q.shape[1], b.shape[1], d.shape[1]
     for rt in prange((rows + MR - 1) // MR):
-        accf = _stack(FEW_LANES, F32)
-        for t0 in range(0, T, MT if T > FEW else T):
+        accf = _stack(LANES, F32)
+        for t0 in range(0, T, MT):
             s = t0 if t0 + MT <= T else max(T - MT, 0)
             for r in range(rt * MR, min(rt * MR + MR, rows)):
-                for l in range(FEW_LANES):
+                for l in range(LANES):
                     accf[l] = 0
-                if T > FEW:
-                    for k in range(nb):
-                        _prefetch(w, r * rb + k * ts, ts)
-                        b4(accf, 0, w, r * rb + k * ts, q, s * n + k * qk, n, b, s * nbs + k * bpb,
-                                       nbs, d, s * nd + k, nd)
-                    for j in range(MT):
-                        if s + j >= t0:
-                            out[s + j, r] = simd.hsum(accf, 8 * j)
-                else:                                # a few rows (a decode batch)
-                    _row_dots(w, r * rb, nb, ts, q, n, qk, b, nbs, bpb, d, nd, T, out, r, b1, b2, b3, b4, b5, b6, b7,
-                              b8)
+                for k in range(nb):
+                    _prefetch(w, r * rb + k * ts, ts)
+                    block4(accf, 0, w, r * rb + k * ts, q, s * n + k * qk, n, b, s * nbs + k * bpb, nbs, d,
+                           s * nd + k, nd)
+                for j in range(MT):
+                    if s + j >= t0:
+                        out[s + j, r] = simd.hsum(accf, 8 * j)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -297,9 +286,17 @@ def mv_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: n
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, b32, out, 176, 8,
-          simd.q5_k_block1, simd.q5_k_block2, simd.q5_k_block3, simd.q5_k_block4,
-          simd.q5_k_block5, simd.q5_k_block6, simd.q5_k_block7, simd.q5_k_block8)
+    _mm_k(w, q, d, b32, out, 176, 8, simd.q5_k_block4)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def few_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, b32, out, 176, 8, 2, 4, simd.q5_k_block2, simd.q5_k_block3, simd.q5_k_block4, simd.q5_k_block4)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def more_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, b32, out, 176, 8, 5, 8, simd.q5_k_block5, simd.q5_k_block6, simd.q5_k_block7, simd.q5_k_block8)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -310,9 +307,17 @@ def mv_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: n
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, b16, out, 210, 16,
-          simd.q6_k_block1, simd.q6_k_block2, simd.q6_k_block3, simd.q6_k_block4,
-          simd.q6_k_block5, simd.q6_k_block6, simd.q6_k_block7, simd.q6_k_block8)
+    _mm_k(w, q, d, b16, out, 210, 16, simd.q6_k_block4)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def few_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, b16, out, 210, 16, 2, 4, simd.q6_k_block2, simd.q6_k_block3, simd.q6_k_block4, simd.q6_k_block4)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def more_q6_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, b16, out, 210, 16, 5, 8, simd.q6_k_block5, simd.q6_k_block6, simd.q6_k_block7, simd.q6_k_block8)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -323,9 +328,17 @@ def mv_q2_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: n
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q2_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, b16, out, 84, 16,
-          simd.q2_k_block1, simd.q2_k_block2, simd.q2_k_block3, simd.q2_k_block4,
-          simd.q2_k_block5, simd.q2_k_block6, simd.q2_k_block7, simd.q2_k_block8)
+    _mm_k(w, q, d, b16, out, 84, 16, simd.q2_k_block4)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def few_q2_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, b16, out, 84, 16, 2, 4, simd.q2_k_block2, simd.q2_k_block3, simd.q2_k_block4, simd.q2_k_block4)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def more_q2_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, b16, out, 84, 16, 5, 8, simd.q2_k_block5, simd.q2_k_block6, simd.q2_k_block7, simd.q2_k_block8)
 
 
 # ---- Q8_0 and Q4_0 x Q8_0 ----
@@ -341,9 +354,17 @@ def mv_q8_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q8_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, s, out, 34, 1,
-          simd.q8_0_block1, simd.q8_0_block2, simd.q8_0_block3, simd.q8_0_block4,
-          simd.q8_0_block5, simd.q8_0_block6, simd.q8_0_block7, simd.q8_0_block8, 32)
+    _mm_k(w, q, d, s, out, 34, 1, simd.q8_0_block4, 32)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def few_q8_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, s, out, 34, 1, 2, 4, simd.q8_0_block2, simd.q8_0_block3, simd.q8_0_block4, simd.q8_0_block4, 32)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def more_q8_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, s, out, 34, 1, 5, 8, simd.q8_0_block5, simd.q8_0_block6, simd.q8_0_block7, simd.q8_0_block8, 32)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -354,9 +375,17 @@ def mv_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mm_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, s, out, 18, 1,
-          simd.q4_0_block1, simd.q4_0_block2, simd.q4_0_block3, simd.q4_0_block4,
-          simd.q4_0_block5, simd.q4_0_block6, simd.q4_0_block7, simd.q4_0_block8, 32)
+    _mm_k(w, q, d, s, out, 18, 1, simd.q4_0_block4, 32)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def few_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, s, out, 18, 1, 2, 4, simd.q4_0_block2, simd.q4_0_block3, simd.q4_0_block4, simd.q4_0_block4, 32)
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def more_q4_0(w: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, s, out, 18, 1, 5, 8, simd.q4_0_block5, simd.q4_0_block6, simd.q4_0_block7, simd.q4_0_block8, 32)
 
 
 # ---- SwiGLU's gate and up against one activation row ----
@@ -399,14 +428,23 @@ def mv_glu_q4_0(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b:
 
 # ---- dispatch ----
 
-# weight type -> (activation format, kernel for one row, kernel for several)
-KERNELS: dict[QType, tuple[QType, Callable, Callable]] = {
-    QType.Q2_K: (QType.Q8_K, mv_q2_k, mm_q2_k),
-    QType.Q4_K: (QType.Q8_K, mv_q4_k, mm_q4_k),
-    QType.Q5_K: (QType.Q8_K, mv_q5_k, mm_q5_k),
-    QType.Q6_K: (QType.Q8_K, mv_q6_k, mm_q6_k),
-    QType.Q8_0: (QType.Q8_0, mv_q8_0, mm_q8_0),
-    QType.Q4_0: (QType.Q8_0, mv_q4_0, mm_q4_0),
+class Kernels(NamedTuple):
+    """A weight type's integer products: its activation format, and the kernels for one activation row, for 2-4 and
+    5-8 rows (a decode batch's), and for more (a prompt's)."""
+    fmt: QType
+    mv: Callable
+    few: Callable
+    more: Callable
+    mm: Callable
+
+
+KERNELS: dict[QType, Kernels] = {
+    QType.Q2_K: Kernels(QType.Q8_K, mv_q2_k, few_q2_k, more_q2_k, mm_q2_k),
+    QType.Q4_K: Kernels(QType.Q8_K, mv_q4_k, few_q4_k, more_q4_k, mm_q4_k),
+    QType.Q5_K: Kernels(QType.Q8_K, mv_q5_k, few_q5_k, more_q5_k, mm_q5_k),
+    QType.Q6_K: Kernels(QType.Q8_K, mv_q6_k, few_q6_k, more_q6_k, mm_q6_k),
+    QType.Q8_0: Kernels(QType.Q8_0, mv_q8_0, few_q8_0, more_q8_0, mm_q8_0),
+    QType.Q4_0: Kernels(QType.Q8_0, mv_q4_0, few_q4_0, more_q4_0, mm_q4_0),
 } if simd.AVAILABLE else {}
 
 # weight type -> the kernel for SwiGLU's gate and up against one row
@@ -420,11 +458,15 @@ NO_FILL = np.zeros((0, 0), dtype=np.uint8)   # a kernel's dst when no arena slot
 def product(w: np.ndarray, qtype: QType, a: Acts, out: np.ndarray, dst: np.ndarray = NO_FILL) -> None:
     """out (rows_x, rows) = the activations bound to `a` times w.T, in integers; `qtype` must be in KERNELS. With
     one activation row, a dst of w's shape (writable bytes) gets w's rows as they are read (else copy w first)."""
-    _, mv, mm = KERNELS[qtype]
-    if a.rows == 1:
-        mv(w, *a.operands(qtype), out, dst)
+    k, T = KERNELS[qtype], a.rows
+    if T == 1:
+        k.mv(w, *a.operands(qtype), out, dst)
+    elif T <= 4:
+        k.few(w, *a.operands(qtype), out)
+    elif T <= FEW:
+        k.more(w, *a.operands(qtype), out)
     else:
-        mm(w, *a.operands(qtype), out)
+        k.mm(w, *a.operands(qtype), out)
 
 
 def swiglu_product(wg: np.ndarray, wu: np.ndarray, qtype: QType, a: Acts, g: np.ndarray, u: np.ndarray,
