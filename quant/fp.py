@@ -5,7 +5,9 @@ that use them produce the same bytes as `quantize_row_*_ref`.
 """
 from __future__ import annotations
 
+import llvmlite.binding as llvm
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
@@ -48,13 +50,12 @@ def f16_hw(typingctx, h):
         return None
 
     def codegen(context, builder, sig, args):
-        from llvmlite import ir
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return types.float32(h), codegen
 
 
-F16C = bool(__import__("llvmlite.binding", fromlist=["get_host_cpu_features"]).get_host_cpu_features().get("f16c"))
+F16C = bool(llvm.get_host_cpu_features().get("f16c"))
 
 
 # fp16 -> fp32 for every bit pattern, like ggml's ggml_table_f32_f16; Numba freezes it as a constant.
