@@ -183,23 +183,9 @@ def _mv_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.nd
     w's shape gets each row once it is read (an expert computed while it is loaded into an arena slot)."""
     nb, rb, fill = w.shape[1] // ts, w.shape[1], dst.shape[0] > 0
     for r in prange(w.shape[0]):
-        _one_row(w, r * rb, nb, ts, q, qk, b, bpb, d, out, r, block1)
+        _group(w, r * rb, nb, ts, q, 0, qk, b, 0, bpb, d, 0, 1, out, r, block1)
         if fill:
             simd.copy(dst, r * rb, w, r * rb, rb)
-
-
-@njit(cache=True, inline="always")
-def _one_row(w: np.ndarray, ro: int, nb: int, ts: int, q: np.ndarray, qk: int, b: np.ndarray, bpb: int,
-             d: np.ndarray, out: np.ndarray, r: int, block1: Callable) -> None:
-    """out[0, r] = the weight row at byte ro . the one activation row, its accumulators in registers."""
-    accf = _stack(8, F32)
-    for l in range(8):
-        accf[l] = 0
-    for k in range(nb):
-        o = ro + k * ts
-        _prefetch(w, o, ts)
-        block1(accf, 0, w, o, q, k * qk, 0, b, k * bpb, 0, d, k, 0)
-    out[0, r] = simd.hsum(accf, 0)
 
 
 @njit(cache=True, inline="always")
@@ -223,9 +209,9 @@ def _rows_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.
             hi: int, ba: Callable, bb: Callable, bc: Callable, bd: Callable, qk: int = 256) -> None:
     """out[t, r] = row r of w . activation row t for lo <= T <= hi (hi - lo < 4) activation rows (a decode batch's
     rows of one expert): one pass over each weight row with the block for T rows (ba for lo rows, bb for lo + 1,
-    ...; lo and hi are constants, so the branches past hi compile to nothing), each
-    weight block decoded once for all of them (a pass per group of 4, 2 and 1 rows made 3 rows cost as much as 4,
-    and 5 about 1.3x more than one pass); every row's sum is the one-row kernel's, whatever the batch."""
+    ...; lo and hi are constants, so the branches past hi compile to nothing), each weight block decoded once for
+    all of them (passes per group of 4, 2 and 1 rows made 3 rows cost as much as 4: bench/int8_rows.py); every
+    row's sum is the one-row kernel's, whatever the batch."""
     nb, rb, T = w.shape[1] // ts, w.shape[1], q.shape[0]
     n, nbs, nd = q.shape[1], b.shape[1], d.shape[1]
     for r in prange(w.shape[0]):
@@ -247,8 +233,8 @@ def _mv_glu(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.
     dst)."""
     nb, rb, fill = wg.shape[1] // ts, wg.shape[1], dg.shape[0] > 0
     for r in prange(wg.shape[0]):
-        _one_row(wg, r * rb, nb, ts, q, qk, b, bpb, d, g, r, block1)
-        _one_row(wu, r * rb, nb, ts, q, qk, b, bpb, d, u, r, block1)
+        _group(wg, r * rb, nb, ts, q, 0, qk, b, 0, bpb, d, 0, 1, g, r, block1)
+        _group(wu, r * rb, nb, ts, q, 0, qk, b, 0, bpb, d, 0, 1, u, r, block1)
         if fill:
             simd.copy(dg, r * rb, wg, r * rb, rb)
             simd.copy(du, r * rb, wu, r * rb, rb)
