@@ -138,9 +138,49 @@ def _sum(builder: ir.IRBuilder, vs: list) -> Any:
     return vs[0]
 
 
-def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
+def _pack(builder: ir.IRBuilder, a: Any, b: Any) -> Any:
+    """16 int16 from two vectors of 8 int32 (vpackssdw: a0-3, b0-3, a4-7, b4-7; the callers' values fit)."""
+    return builder.call(_fn(builder, "llvm.x86.avx2.packssdw", _W16, [_D8, _D8]), [a, b])
+
+
+def _pair_lanes(a: list[int], b: list[int]) -> list[int]:
+    """The scale index of each int16 lane of _pack(vpdpbusd of group a, of group b), from the groups' own lanes
+    (a[m]: the scale of maddubs lane m, so of bytes 2m, 2m+1; constant over each four bytes)."""
+    return [a[2 * l] for l in range(4)] + [b[2 * l] for l in range(4)] + [a[2 * l] for l in range(4, 8)] + \
+        [b[2 * l] for l in range(4, 8)]
+
+
+def _scales(builder: ir.IRBuilder, sc16: Any, lanes: list[list[int]], pairs: bool) -> list:
+    """Scale vectors (16 int16) for the eight 32-quant groups whose lanes[i][m] is the scale index (into sc16) of
+    maddubs lane m, or for the four pairs of groups when `pairs` (see _dot_groups)."""
+    if pairs:
+        lanes = [_pair_lanes(lanes[2 * j], lanes[2 * j + 1]) for j in range(4)]
+    n = sc16.type.count
+    return [builder.shuffle_vector(sc16, ir.Constant(ir.VectorType(_I16, n), ir.Undefined),
+                                   ir.Constant(ir.VectorType(_I32, 16), m)) for m in lanes]
+
+
+def _dot_groups(builder: ir.IRBuilder, chains: list, quants: list, qv: list, scales: list, pairs: bool) -> list:
+    """chains + the eight groups' products quants[i] . qv[i] (unsigned x signed bytes) times their scales, spread
+    over the chains. Without `pairs`, maddubs then a scaled madd per group; with them (VNNI), each group's 32
+    products summed in fours by vpdpbusd (|sum| <= 4 * 63 * 127 fits int16), two groups packed to int16, then one
+    scaled madd: three multiplies for two groups where the first way takes four."""
+    chains = list(chains)
+    for i in range(len(scales)):
+        k = i % len(chains)
+        if pairs:
+            zero = ir.Constant(_D8, [0] * 8)
+            a = _dot_u8s8(builder, zero, quants[2 * i], qv[2 * i])
+            b = _dot_u8s8(builder, zero, quants[2 * i + 1], qv[2 * i + 1])
+            chains[k] = _madd_acc(builder, chains[k], _pack(builder, a, b), scales[i])
+        else:
+            chains[k] = _madd_acc(builder, chains[k], _maddubs(builder, quants[i], qv[i]), scales[i])
+    return chains
+
+
+def _make_q4_k_block(ntok: int, five: bool = False, pairs: bool = VNNI) -> Any:
     """Q4_K (or Q5_K, five=True) blocks against Q8_K activations: scales, mins and quants decoded once into
-    registers, then dotted with each of ntok activation rows."""
+    registers, then dotted with each of ntok activation rows (in pairs of sub-blocks where VNNI has vpdpbusd)."""
     qs0 = 48 if five else 16                                          # Q5_K: qh[32] sits before qs
 
     @intrinsic
@@ -154,8 +194,7 @@ def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
             words = [_load_at(builder, wd, _plus(builder, wo_v, 4 + 4 * i), _I32) for i in range(3)]
             sc, mn = _k4_scale_words(builder, *words)
             sc16 = builder.zext(builder.bitcast(sc, ir.VectorType(_I8, 8)), ir.VectorType(_I16, 8))
-            scales = [builder.shuffle_vector(sc16, ir.Constant(ir.VectorType(_I16, 8), ir.Undefined),
-                                             ir.Constant(ir.VectorType(_I32, 16), [j] * 16)) for j in range(8)]
+            scales = _scales(builder, sc16, [[j] * 16 for j in range(8)], pairs)   # sub-block j: scale j
             mins = builder.zext(builder.bitcast(mn, ir.VectorType(_I8, 8)), _D8)
             dw, dminw = _f16_pair(builder, wd, wo_v)
             m15 = ir.Constant(_B32, [15] * 32)
@@ -172,10 +211,8 @@ def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
             for t in range(ntok):                                    # each activation row reuses nib and scales
                 qt = builder.add(qo_v, builder.mul(qs_v, ir.Constant(qs_v.type, t)))
                 chains = [ir.Constant(_D8, [0] * 8)] * _chains(ntok)
-                for i in range(8):                                   # sub-block i: 32 quants at 32i
-                    qv = _load_at(builder, qd, _plus(builder, qt, 32 * i), _B32)
-                    k = i % len(chains)
-                    chains[k] = _madd_acc(builder, chains[k], _maddubs(builder, nib[i], qv), scales[i])
+                qv = [_load_at(builder, qd, _plus(builder, qt, 32 * i), _B32) for i in range(8)]   # sub-block i
+                chains = _dot_groups(builder, chains, nib, qv, scales, pairs)
                 total = _sum(builder, chains)
                 bt = builder.add(bo_v, builder.mul(bs_v, ir.Constant(bs_v.type, t)))
                 msum = builder.mul(mins, _load_at(builder, bd, bt, _D8, align=4))
@@ -202,7 +239,7 @@ q5_k_block1, q5_k_block2, q5_k_block3, q5_k_block4, q5_k_block5, q5_k_block6, q5
     _make_q4_k_block(t, five=True) for t in range(1, ROWS + 1))
 
 
-def _make_q6_k_block(ntok: int) -> Any:
+def _make_q6_k_block(ntok: int, pairs: bool = VNNI) -> Any:
     """Q6_K blocks (ql[128], qh[64], scales[16] int8, d) against Q8_K activations: the 6-bit quants and the 16
     scales decoded once; per row, sum(sc * (q6 . x)) - 32 * sum(sc * b16) in integers, scaled once."""
     @intrinsic
@@ -220,7 +257,7 @@ def _make_q6_k_block(ntok: int) -> Any:
                                                         ir.Constant(ir.VectorType(_I32, 8), list(range(8 * i, 8 * i + 8)))), _D8)
                     for i in range(2)]
             dw = _f16(builder, wd, _plus(builder, wo_v, 206), second=True)
-            quants, scales = [], []
+            quants, lanes = [], []
             for n in range(2):
                 for g in range(4):
                     low = builder.and_(builder.lshr(ql[2 * n + (g & 1)], ir.Constant(_B32, [4 * (g >> 1)] * 32)),
@@ -228,15 +265,13 @@ def _make_q6_k_block(ntok: int) -> Any:
                     high = builder.and_(builder.lshr(qh[n], ir.Constant(_B32, [2 * g] * 32)), ir.Constant(_B32, [3] * 32))
                     quants.append(builder.or_(low, builder.shl(high, ir.Constant(_B32, [4] * 32))))
                     j = 8 * n + 2 * g
-                    scales.append(builder.shuffle_vector(sc16, ir.Constant(_W16, ir.Undefined),
-                                                         ir.Constant(ir.VectorType(_I32, 16), [j] * 8 + [j + 1] * 8)))
+                    lanes.append([j] * 8 + [j + 1] * 8)              # its two 16-quant halves' scales
+            scales = _scales(builder, sc16, lanes, pairs)
             for t in range(ntok):
                 qt = _row(builder, qo_v, qs_v, t)
                 chains = [ir.Constant(_D8, [0] * 8)] * _chains(ntok)
-                for i in range(8):                                   # group i: quants 32i..32i+31
-                    qv = _load_at(builder, qd, _plus(builder, qt, 32 * i), _B32)
-                    k = i % len(chains)
-                    chains[k] = _madd_acc(builder, chains[k], _maddubs(builder, quants[i], qv), scales[i])
+                qv = [_load_at(builder, qd, _plus(builder, qt, 32 * i), _B32) for i in range(8)]   # quants 32i..
+                chains = _dot_groups(builder, chains, quants, qv, scales, pairs)
                 total = _sum(builder, chains)
                 bt = _row(builder, bo_v, bs_v, t)
                 m = builder.add(builder.mul(sc32[0], _load_at(builder, bd, bt, _D8, 4)),
@@ -253,7 +288,7 @@ q6_k_block1, q6_k_block2, q6_k_block3, q6_k_block4, q6_k_block5, q6_k_block6, q6
     _make_q6_k_block(t) for t in range(1, ROWS + 1))
 
 
-def _make_q2_k_block(ntok: int) -> Any:
+def _make_q2_k_block(ntok: int, pairs: bool = VNNI) -> Any:
     """Q2_K blocks (scales[16]: 4-bit scale and 4-bit min per 16 quants, qs[64]: 2-bit quants, d, dmin) against
     Q8_K activations, as ggml_vec_dot_q2_K_q8_K: per row sum(sc * (q2 . x)) scaled by d, minus
     sum(min * b16) scaled by dmin; the quants and scales decoded once."""
@@ -272,21 +307,19 @@ def _make_q2_k_block(ntok: int) -> Any:
                                                         ir.Constant(ir.VectorType(_I32, 8), list(range(8 * i, 8 * i + 8)))), _D8)
                     for i in range(2)]
             dw, dminw = _f16_pair(builder, wd, _plus(builder, wo_v, 80))
-            quants, scales = [], []
+            quants, lanes = [], []
             for j in range(2):                                       # 128 quants per 32 bytes of qs
                 bits = _load_at(builder, wd, _plus(builder, wo_v, 16 + 32 * j), _B32)
                 for sh in range(4):                                  # quants 128j + 32sh .. +32
                     quants.append(builder.and_(builder.lshr(bits, ir.Constant(_B32, [2 * sh] * 32)), ir.Constant(_B32, [3] * 32)))
                     k = 8 * j + 2 * sh                               # their two sub-blocks' scales
-                    scales.append(builder.shuffle_vector(sc16, ir.Constant(_W16, ir.Undefined),
-                                                         ir.Constant(ir.VectorType(_I32, 16), [k] * 8 + [k + 1] * 8)))
+                    lanes.append([k] * 8 + [k + 1] * 8)
+            scales = _scales(builder, sc16, lanes, pairs)
             for t in range(ntok):
                 qt = _row(builder, qo_v, qs_v, t)
                 chains = [ir.Constant(_D8, [0] * 8)] * _chains(ntok)
-                for i in range(8):                                   # group i: quants 32i..32i+31
-                    qv = _load_at(builder, qd, _plus(builder, qt, 32 * i), _B32)
-                    k = i % len(chains)
-                    chains[k] = _madd_acc(builder, chains[k], _maddubs(builder, quants[i], qv), scales[i])
+                qv = [_load_at(builder, qd, _plus(builder, qt, 32 * i), _B32) for i in range(8)]   # quants 32i..
+                chains = _dot_groups(builder, chains, quants, qv, scales, pairs)
                 total = _sum(builder, chains)
                 bt = _row(builder, bo_v, bs_v, t)
                 m = builder.add(builder.mul(mins[0], _load_at(builder, bd, bt, _D8, 4)),
