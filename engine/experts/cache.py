@@ -49,6 +49,8 @@ class ExpertCache:
         self.policy = make_policy(options.cache_policy, self.n_layer)
         self.stats = [LayerStats() for _ in range(self.n_layer)]
         self.activations = np.zeros((self.n_layer, self.n_expert), dtype=np.int64)
+        self._act_rows = list(self.activations)                             # row views, made once
+        self._fits_all = n_slots >= len(all_experts)                         # no victim is ever chosen
         self.miss_cost: MissCost | None = None  # measured on a GPU at load (cuda.calibrate)
         self._predicted: list[set[int] | None] = [None] * self.n_layer
         self._in_use: set[Key] = set()                                      # the current layer's plan: never evicted
@@ -142,9 +144,10 @@ class ExpertCache:
         """`prepare` for one token (decode), the same decisions in plain Python: its k experts are distinct,
         so each is one (token, slot) selection, and a handful of them costs less than numpy calls."""
         st, ids, w = self.stats[layer], routing.experts[0].tolist(), routing.weights
-        self._begin()
+        if not self._plain_begin:
+            self._begin()
         st.tokens += 1
-        act = self.activations[layer]
+        act = self._act_rows[layer]
         for e in ids:
             act[e] += 1
         if self._expect is not None:
@@ -153,11 +156,17 @@ class ExpertCache:
                 seen[e] += 1
         if self._predicted[layer] is not None:
             self._score_prediction(layer, routing.experts)
-        found = [self.arena.experts.get((layer, e)) for e in ids]
-        if None not in found:                                                # all hits: hot, nothing moves
+        get = self.arena.experts.get
+        found = [get((layer, e)) for e in ids]
+        for x in found:                                                      # (`None in found` calls Expert.__eq__)
+            if x is None:
+                break
+        else:                                                                # all hits: hot, nothing moves
             st.hits += len(ids)
-            for e in sorted(ids):
-                self.policy.use((layer, e), hit=True)
+            if self._fits_all:                                               # the order of uses decides nothing
+                self.policy.hits += len(ids)
+            else:
+                self.policy.use_resident([(layer, e) for e in sorted(ids)])
             if self._disk:
                 self._in_use = {(layer, e) for e in ids}
             return Plan(dict(zip(ids, found)), w)

@@ -41,6 +41,11 @@ class EvictionPolicy(ABC):
             self.misses += 1
         self._on_use(key, hot)
 
+    def use_resident(self, keys: Iterable[Key]) -> None:
+        """`use(key, hit=True)` for each of `keys` in turn (a decode token's layer where every expert was resident)."""
+        for key in keys:
+            self.use(key, True)
+
     def insert(self, key: Key) -> None:
         self.clock += 1
         self._on_insert(key)
@@ -81,6 +86,15 @@ class LRU(EvictionPolicy):
         self.last[key] = self.clock
         if key in self.order:
             self.order.move_to_end(key)
+
+    def use_resident(self, keys: Iterable[Key]) -> None:
+        last, order = self.last, self.order                  # the per-token path: no call per key
+        for key in keys:
+            self.clock += 1
+            self.hits += 1
+            last[key] = self.clock
+            if key in order:
+                order.move_to_end(key)
 
     def _on_insert(self, key: Key) -> None:
         self.last[key] = self.clock
