@@ -24,6 +24,10 @@ after '::', code-block directives, doctest lines), `table` (grid, simple and lis
    With hot misses every expert is computed at full precision, so outputs and perplexity equal the plain
    engine's; what prediction changes is how many bytes move.
 
+5. The held-out prompts' expert selections replayed (bench/replay.py) under LRU and two offline bounds: Belady's
+   MIN with bypass (the fewest moves any policy can make, knowing the future) and each prompt's own most-selected
+   experts held for the whole prompt (a perfect prompt-level prediction without eviction inside the prompt).
+
 The scheduler's SLO attainment against first-come-first-served in moe-server is bench/emoe_schedule.py.
 
     python bench/emoe.py [--work DIR] [--train 400] [--valid 90] [--budgets 25 40 60] [--decode 64]
@@ -42,6 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode import TRAINED  # noqa: E402
+from replay import bounds  # noqa: E402
 
 from hotcold import Model  # noqa: E402
 from hotcold.convert import convert  # noqa: E402
@@ -203,6 +208,17 @@ def main() -> None:
                   f"{row['mib']:.3f} | {row['mib'] / lru['mib'] - 1:+.1%} | {row['ppl']:.3f} | "
                   f"{row['ppl'] / base['ppl'] - 1:+.2%} | {row['sim']:.1%} | {row['predictions']} / {row['reuses']} |",
                   flush=True)
+    held = plain.trace(va_prompts, max_tokens=args.decode)
+    n_experts = held.n_layer * held.n_expert
+    print(f"\nthe same held-out prompts replayed (bench/replay.py): expert moves per token of LRU against offline "
+          f"bounds (hot copies only, so outputs stay the plain engine's)\n")
+    print("| budget | slots | LRU | Belady's MIN, bypass (knows the future) | static per prompt (knows its usage) |")
+    print("|---:|---:|---:|---:|---:|")
+    for b in args.budgets:
+        slots = min(n_experts, int(round(b / 100 * n_experts)))
+        r = bounds(held, slots)
+        lru, mn, st = r["LRU"], r["Belady (offline)"], r["static per prompt (oracle)"]
+        print(f"| {b}% | {slots} | {lru:.3f} | {mn:.3f} ({mn / lru - 1:+.1%}) | {st:.3f} ({st / lru - 1:+.1%}) |")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from hotcold.engine.predictor import (Kind, Net, Predictor, PredictorError, most
                                       top_l_accuracy, train)
 from hotcold.engine.sensitivity import task_sensitivity
 from hotcold.engine.trace import Traces, read_prompts
+from hotcold.keys import predictor_path_for
 
 from .flags import Parser, add_options, given, guarded
 
@@ -45,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fit a predictor on traces", description="Fit a predictor of each prompt's "
                        "share of expert selections per MoE layer (prefill and decode) from moe-trace's traces.")
     t.add_argument("traces", metavar="TRACES.npz", help="traces written by moe-trace")
-    t.add_argument("-o", "--output", required=True, metavar="PRED.npz", help="the predictor file to write")
+    t.add_argument("-o", "--output", default=None, metavar="PRED.npz", help="the predictor file to write (default: "
+                   "MODEL.predictor.npz next to -m's model, which a budget then loads it from)")
+    t.add_argument("-m", "--model", default=None, metavar="MODEL", help="the GGUF file the traces are of: the "
+                   "predictor goes next to it (MODEL.predictor.npz) unless -o says where")
     t.add_argument("--kind", choices=[k.value for k in Kind], default=Kind.EMBED.value,
                    help="its input: embed, the prompt's mean token embedding (known before the prefill: the only "
                    "kind --predictor loads with); first, the first MoE layer's routing; prev, the layer before's "
@@ -93,10 +97,15 @@ def main(argv: list[str] | None = None) -> int:
 # --- the subcommands --------------------------------------------------------------------------------------------
 
 def _train(args: argparse.Namespace) -> None:
-    out = Path(args.output)
+    if args.output is None and args.model is None:
+        raise ValueError("say where the predictor goes: -o PRED.npz, or -m MODEL.gguf for MODEL.predictor.npz next "
+                         "to the model")
+    out = Path(args.output) if args.output is not None else predictor_path_for(Path(args.model))
     if not out.parent.is_dir():
         raise ValueError(f"-o {out}: the folder {out.parent} does not exist; create it or write elsewhere")
     traces = Traces.load(args.traces)
+    if args.model is not None and traces.model and Path(args.model).name != traces.model:
+        raise ValueError(f"-m {args.model}: {args.traces} holds traces of {traces.model}, not of this file")
     kind, net = Kind(args.kind), Net(args.net)
     pred = train(traces, kind, net, hidden=args.hidden or 64, steps=args.steps)
     pred.save(out)

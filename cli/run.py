@@ -102,6 +102,10 @@ def _stats(m: Model) -> None:
         print(f"{i:5d} " + " ".join(f"{v:>13}" for v in row(layer)) + f"   {acc:>8}", file=sys.stderr)
     acc = f"{s['prefetch_accuracy']:.2f}" if s["prefetch_accuracy"] is not None else "-"
     print("total " + " ".join(f"{v:>13}" for v in row(s)) + f"   {acc:>8}", file=sys.stderr)
+    if m.predictor is not None:
+        print(f"expert predictor {m.options.predictor}: {s['predictions']} predictions, {s['prediction_reuses']} "
+              f"reused, {s['preloaded']} experts loaded ahead, {s['insensitive_prompts']} prompts of insensitive "
+              "tasks", file=sys.stderr)
     n = s["tokens"]
     if n:
         print(f"per token: {s['misses'] / n:.2f} misses, {s['bytes_moved'] / n / 2**20:.3f} MiB moved, "

@@ -23,7 +23,7 @@ import numba
 import numpy as np
 from gguf import Keys
 
-from hotcold.keys import cold_path_for
+from hotcold.keys import cold_path_for, predictor_path_for
 from hotcold.quant import QType
 from hotcold.quant.dequant import dequantize_rows
 
@@ -64,12 +64,18 @@ def _major_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 
 
-def _ram_defaults(path: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """Under a RAM budget, what the user did not choose is chosen for the disk tier: misses adaptive (served
-    by the cold copy while the hot one loads) when the cold copies are there (prefetch: see _disk_cache)."""
-    if options.get("ram_budget") is None:
-        return options
+def _file_defaults(path: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """What the files next to the model choose where the user did not: with an expert or RAM budget, the expert
+    predictor MODEL.predictor.npz (eMoE: moe-predictor train -m MODEL writes it there); under a RAM budget, misses
+    adaptive (served by the cold copy while the hot one loads) when the cold copies are there (prefetch: see
+    _disk_cache)."""
+    budget = options.get("ram_budget") is not None or options.get("expert_budget") is not None
     out = dict(options)
+    if budget and "predictor" not in out and predictor_path_for(path).is_file():
+        out["predictor"] = predictor_path_for(path)
+        log.info("expert predictor: %s (next to the model; --predictor none for none)", out["predictor"])
+    if options.get("ram_budget") is None:
+        return out
     cold = options.get("cold_path")
     if "miss" not in out and Path(cold if cold is not None else cold_path_for(path)).is_file():
         out["miss"] = MissMode.ADAPTIVE
@@ -97,7 +103,7 @@ class Model:
         path = path if path is not None else model_path
         t0 = time.perf_counter()
         self._busy = threading.Lock()
-        self.options = opt = Options.parse(**_ram_defaults(Path(path), options))
+        self.options = opt = Options.parse(**_file_defaults(Path(path), options))
         self._prefetch_given = "prefetch" in options
         self.verbose = opt.verbose
         self.path = Path(path)

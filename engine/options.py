@@ -114,8 +114,10 @@ class Options:
     prefetch: int = option(0, "--prefetch", help="layers ahead to predict and load experts for (0 = off)",
                            parse=_number(int, "prefetch", 0), cli=int, group=RESIDENCY)
     predictor: Path | None = option(None, "--predictor", help="an expert predictor (moe-predictor train): before "
-                                    "each prompt, load the experts it predicts into the arena (eMoE)",
-                                    parse=lambda v: None if v is None else Path(v), group=RESIDENCY)
+                                    "each prompt, load the experts it predicts into the arena (eMoE); with a budget, "
+                                    "MODEL.predictor.npz if there; 'none' for none",
+                                    parse=lambda v: None if v is None or str(v).lower() == "none" else Path(v),
+                                    group=RESIDENCY)
     predict_every: int = option(1, "--predict-every", help="with --predictor: predict every N prompts and reuse the "
                                 "prediction in between (eMoE: 40)", parse=_number(int, "predict_every", 1), cli=int,
                                 group=RESIDENCY)

@@ -1,5 +1,5 @@
 """GGUF metadata keys hotcold adds to the files it writes (llama.cpp's own keys are gguf.Keys), and
-the name of the cold-copy file next to a main file.
+the names of the files that go next to a main file (its cold copies, its expert predictor).
 
 llama.cpp ignores keys it does not know, so these keep converted files loadable by it.
 """
@@ -16,3 +16,11 @@ def cold_path_for(out: Path) -> Path:
     """OUT.gguf -> OUT.cold.gguf, next to the main file."""
     out = Path(out)
     return out.with_name(out.name[:-5] + ".cold.gguf" if out.name.endswith(".gguf") else out.name + ".cold.gguf")
+
+
+def predictor_path_for(model: Path) -> Path:
+    """MODEL.gguf -> MODEL.predictor.npz, next to the model: where moe-predictor train -m MODEL writes, and where
+    a model loaded with an expert budget finds its predictor."""
+    model = Path(model)
+    stem = model.name[:-5] if model.name.endswith(".gguf") else model.name
+    return model.with_name(stem + ".predictor.npz")

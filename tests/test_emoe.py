@@ -15,6 +15,7 @@ import pytest
 from hotcold.cli import predictor as predictor_cli
 from hotcold.cli import run as run_cli
 from hotcold.cli import trace as trace_cli
+from hotcold.keys import predictor_path_for
 from hotcold.engine import sensitivity
 from hotcold.engine.api import Model
 from hotcold.engine.experts.ahead import Ahead
@@ -261,6 +262,27 @@ def test_cli_trace_train_eval_and_run_with_the_predictor(emoe: dict[str, Any], p
         pass
     s = m.expert_stats()
     assert (s["predictions"], s["preloaded"]) == (1, int(mask.sum()))
+
+
+def test_a_predictor_next_to_the_model_is_used_with_a_budget(emoe: dict[str, Any], trained_q8: Path,
+                                                             tmp_path: Path) -> None:
+    """moe-predictor train -m MODEL writes MODEL.predictor.npz; a budget then loads it unless told 'none'."""
+    model = tmp_path / trained_q8.name
+    model.symlink_to(trained_q8)                                     # a folder of its own: nothing left by the shared one
+    rc, _, err = _cli(predictor_cli.main, "train", emoe["traces"], "-m", model, "--steps", 50)
+    assert rc == 0 and str(predictor_path_for(model)) in err, err
+    assert predictor_path_for(model).name == trained_q8.name[:-5] + ".predictor.npz"
+    assert Model.load(model, n_ctx=64, expert_budget="25%").predictor is not None
+    assert Model.load(model, n_ctx=64, expert_budget="25%", predictor="none").predictor is None
+    assert Model.load(model, n_ctx=64).predictor is None                             # no budget: no store to drive
+    args = ("-p", PROMPTS[0]["prompt"], "-n", 2, "--temp", 0, "-c", 64, "--expert-budget", "25%", "--stats")
+    rc, _, err = _cli(run_cli.main, model, *args)
+    assert rc == 0 and f"expert predictor {predictor_path_for(model)}: 1 predictions" in err, err
+    other = tmp_path / "other.gguf"
+    for argv, words in [(("train", emoe["traces"]), "-o PRED.npz, or -m MODEL.gguf"),
+                        (("train", emoe["traces"], "-m", other), "holds traces of " + trained_q8.name)]:
+        rc, _, err = _cli(predictor_cli.main, *argv)
+        assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_predict_every_reuses_the_prediction(emoe: dict[str, Any], trained_q8: Path) -> None:

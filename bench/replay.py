@@ -1,0 +1,102 @@
+"""Expert loads of a residency policy replayed on recorded traces (engine/trace.py), against offline bounds.
+
+Each prompt is replayed as the engine runs it: its prefill as one batch per MoE layer (each distinct expert it
+selects read once), then each generated token layer by layer; one arena of `slots` experts over all layers,
+kept from prompt to prompt. A selection of a non-resident expert is one move (an expert's bytes), whether it is
+loaded into a slot or computed from where it lies (bypass). Policies: LRU (what the store does without a
+predictor); Belady's MIN with bypass (evict the resident used again furthest ahead, or leave the arena alone if
+the missed expert comes back later than all of them: the fewest moves any policy can make, given the future);
+and a static set per prompt (its own most-selected experts, known in advance: the best a perfect prompt-level
+prediction with no in-prompt eviction can do). bench/emoe.py prints them beside the store's measurements.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from hotcold.engine.trace import Traces
+
+NEVER = 1 << 62
+
+
+def accesses(tr: Traces) -> list[tuple[int, bool, list[tuple[int, int]]]]:
+    """(prompt, is_prefill, keys) per batch step: a prompt's prefill per layer, then each generated token per layer."""
+    steps = []
+    for i in range(tr.n_prompts):
+        pre = tr.experts[tr.rows(i, "prefill")]
+        for l in range(tr.n_layer):
+            steps.append((i, True, [(l, int(e)) for e in sorted(set(pre[:, l].ravel().tolist()))]))
+        dec = tr.experts[tr.rows(i, "decode")]
+        for t in range(dec.shape[0]):
+            for l in range(tr.n_layer):
+                steps.append((i, False, [(l, int(e)) for e in sorted(set(dec[t, l].tolist()))]))
+    return steps
+
+
+def lru_moves(steps: list, slots: int) -> int:
+    res: OrderedDict = OrderedDict()
+    moves = 0
+    for _, _, keys in steps:
+        for k in keys:
+            if k in res:
+                res.move_to_end(k)
+                continue
+            moves += 1
+            if len(res) >= slots:
+                victim = next((x for x in res if x not in keys), None)
+                if victim is None:
+                    continue
+                del res[victim]
+            res[k] = None
+    return moves
+
+
+def belady_moves(steps: list, slots: int) -> int:
+    nxt: list[dict] = [{} for _ in steps]                      # step -> key -> the next step that selects it
+    later: dict = {}
+    for s in range(len(steps) - 1, -1, -1):
+        for k in steps[s][2]:
+            nxt[s][k] = later.get(k, NEVER)
+            later[k] = s
+    upcoming = dict(later)
+    res: set = set()
+    moves = 0
+    for s, (_, _, keys) in enumerate(steps):
+        for k in keys:
+            upcoming[k] = nxt[s][k]
+        for k in keys:
+            if k in res:
+                continue
+            moves += 1
+            if len(res) < slots:
+                res.add(k)
+                continue
+            cands = [x for x in res if x not in keys]
+            if cands:
+                victim = max(cands, key=upcoming.__getitem__)
+                if upcoming[victim] > upcoming[k]:
+                    res.discard(victim)
+                    res.add(k)
+    return moves
+
+
+def static_moves(tr: Traces, steps: list, slots: int) -> int:
+    share = tr.usage("all")                                    # (P, L, E): each prompt's own selections
+    res: set = set()
+    moves, cur = 0, -1
+    for i, _, keys in steps:
+        if i != cur:
+            cur = i
+            ranked = sorted(((share[i, l, e], l, e) for l in range(tr.n_layer) for e in range(tr.n_expert)), reverse=True)
+            want = {(l, e) for _, l, e in ranked[:slots]}
+            moves += len(want - res)                           # loaded before the prompt
+            res = want
+        moves += sum(k not in res for k in keys)
+    return moves
+
+
+def bounds(tr: Traces, slots: int) -> dict[str, float]:
+    """Moves per traced token of LRU, Belady's MIN with bypass and the per-prompt static oracle."""
+    steps = accesses(tr)
+    n = int(tr.offsets[-1])
+    return {"LRU": lru_moves(steps, slots) / n, "Belady (offline)": belady_moves(steps, slots) / n,
+            "static per prompt (oracle)": static_moves(tr, steps, slots) / n}
