@@ -13,6 +13,7 @@ import subprocess
 import sys
 from typing import Any, Iterable
 
+import numpy as np
 from numba import types as nt
 
 from hotcold.quant import QType
@@ -25,6 +26,12 @@ def _a(dtype: Any, ndim: int, readonly: bool = False) -> nt.Array:
 
 
 _KERNEL_VIEW = {QType.F32: _F32, QType.F16: _U16, QType.BF16: _U16}  # quant.kernels._FLOAT_VIEW
+
+
+def _sums(t: QType) -> nt.Array:
+    """The type of `t`'s kernels' sums operand (int8.sums_dtype)."""
+    from hotcold.quant import int8
+    return _a(_F32 if int8.sums_dtype(t) is np.float32 else _I32, 2)
 
 
 def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool, store: bool = True) -> tuple[list, list]:
@@ -47,12 +54,12 @@ def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool, store: 
     if store:
         mine.append((kernels.copy_expert, (_a(_U8, 1), *[_a(_U8, 2, True)] * 3)))    # arena loads
     quantizers = {QType.Q8_0: (int8.quantize_q8_0, (f2, _a(_I8, 2), f2, _a(_I32, 2))),
-                  QType.Q8_K: (int8.quantize_q8_k, (f2, _a(_I8, 2), f2, _a(_I32, 2), _a(_I32, 2)))}
+                  QType.Q8_K: (int8.quantize_q8_k, (f2, _a(_I8, 2), f2, _a(_I32, 2), _a(_I32, 2), f2))}
     theirs: list[tuple[Any, tuple]] = []
     for t in dict.fromkeys(weight_types):
         if t in int8.KERNELS:
             k = int8.KERNELS[t]
-            w = (_a(_U8, 2, True), _a(_I8, 2), f2, _a(_I32, 2), f2)
+            w = (_a(_U8, 2, True), _a(_I8, 2), f2, _sums(t), f2)
             mine += [quantizers[k.fmt], (k.mv, (*w, _a(_U8, 2))), (k.few, w), (k.mm, w)]   # mv's last: a slot
             theirs.append((k.more, w))
         else:
@@ -64,7 +71,7 @@ def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool, store: 
         theirs += [(kernels.store_f16, (f2, kv)), (kernels.store_kv_f16, (f2, f2, kv, kv, _I64))]
     glu = [t for t in dict.fromkeys(weight_types) if t in int8.GLU]
     w = _a(_U8, 2, True)
-    theirs += [(int8.GLU[t], (w, w, _a(_I8, 2), f2, _a(_I32, 2), f2, f2, _a(_U8, 2), _a(_U8, 2))) for t in glu]
+    theirs += [(int8.GLU[t], (w, w, _a(_I8, 2), f2, _sums(t), f2, f2, _a(_U8, 2), _a(_U8, 2))) for t in glu]
     return mine, theirs
 
 

@@ -45,6 +45,7 @@ class Acts:
         self.q8k_d = np.zeros((n_rows, max(n // 256, 1)), np.float32)
         self.q8k_b16 = np.zeros((n_rows, max(n // 16, 1)), np.int32)
         self.q8k_b32 = np.zeros((n_rows, max(n // 32, 1)), np.int32)
+        self.q8k_m = np.zeros((n_rows, max(n // 32, 1)), np.float32)   # d * b32: what Q4_K/Q5_K's mins multiply
         self.q80 = np.zeros((n_rows, n), np.int8)
         self.q80_d = np.zeros((n_rows, max(n // 32, 1)), np.float32)
         self.q80_s = np.zeros((n_rows, max(n // 32, 1)), np.int32)
@@ -64,7 +65,7 @@ class Acts:
     def need(self, fmt: QType) -> None:
         if fmt == QType.Q8_K and not self.have_q8k:
             r = self.rows
-            quantize_q8_k(self.x, self.q8k[:r], self.q8k_d[:r], self.q8k_b16[:r], self.q8k_b32[:r])
+            quantize_q8_k(self.x, self.q8k[:r], self.q8k_d[:r], self.q8k_b16[:r], self.q8k_b32[:r], self.q8k_m[:r])
             self.have_q8k = True
         elif fmt == QType.Q8_0 and not self.have_q80:
             r = self.rows
@@ -78,7 +79,7 @@ class Acts:
             fmt, r = KERNELS[qtype][0], self.rows
             self.need(fmt)
             if fmt == QType.Q8_K:
-                ops = self.q8k[:r], self.q8k_d[:r], self.q8k_b16[:r] if qtype in (QType.Q6_K, QType.Q2_K) else self.q8k_b32[:r]
+                ops = self.q8k[:r], self.q8k_d[:r], self.q8k_b16[:r] if qtype in (QType.Q6_K, QType.Q2_K) else self.q8k_m[:r]
             else:
                 ops = self.q80[:r], self.q80_d[:r], self.q80_s[:r]
             self._forms[qtype] = ops
@@ -88,9 +89,11 @@ class Acts:
 # ---- activation quantizers ----
 
 @njit(cache=True)
-def quantize_q8_k(x: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, b32: np.ndarray) -> None:
+def quantize_q8_k(x: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, b32: np.ndarray,
+                  m: np.ndarray) -> None:
     """Rows of x (T, n) to Q8_K as quantize_row_q8_K: per 256 block iscale = -127 / (the value of largest
-    magnitude), q = min(127, nearest_int(iscale * x)), d = 1 / iscale; plus sums per 16 and 32 quants."""
+    magnitude), q = min(127, nearest_int(iscale * x)), d = 1 / iscale; plus sums per 16 and 32 quants, and the
+    latter times d in float32 (m: the Q4_K and Q5_K blocks' mins term is then one FMA a row, quant/simd.py)."""
     for t in range(x.shape[0]):
         for k in range(x.shape[1] // 256):
             s = k * 256
@@ -102,6 +105,7 @@ def quantize_q8_k(x: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, 
                     b16[t, k * 16 + j] = 0
                 for j in range(8):
                     b32[t, k * 8 + j] = 0
+                    m[t, k * 8 + j] = 0
                 d[t, k] = 0
                 continue
             iscale = F32(F32(-127.0) / vmax)
@@ -112,9 +116,10 @@ def quantize_q8_k(x: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, 
                 for i in range(16):
                     total += q[t, s + 16 * j + i]
                 b16[t, k * 16 + j] = total
+            d[t, k] = F32(1.0) / iscale
             for j in range(8):
                 b32[t, k * 8 + j] = b16[t, k * 16 + 2 * j] + b16[t, k * 16 + 2 * j + 1]
-            d[t, k] = F32(1.0) / iscale
+                m[t, k * 8 + j] = d[t, k] * F32(b32[t, k * 8 + j])
 
 
 @njit(cache=True)
@@ -141,26 +146,27 @@ def quantize_q8_0(x: np.ndarray, q: np.ndarray, d: np.ndarray, s: np.ndarray) ->
 # block_q4_K: d, dmin (fp16), scales[12], qs[128]; byte l of chunk c holds sub-block 2c (low nibble) and 2c+1
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray, dst: np.ndarray) -> None:
-    """out[0, r] = row r of Q4_K w . the Q8_K activation row (q, d, b32 of shape (1, .)); dst: see _mv_k."""
-    _mv_k(w, q, d, b32, out, dst, 144, 8, simd.q4_k_block1)
+def mv_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray, out: np.ndarray, dst: np.ndarray) -> None:
+    """out[0, r] = row r of Q4_K w . the Q8_K activation row (q, d, m of shape (1, .); m: quantize_q8_k's sums
+    times d); dst: see _mv_k."""
+    _mv_k(w, q, d, m, out, dst, 144, 8, simd.q4_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mm_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
+def mm_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray, out: np.ndarray) -> None:
     """out[t, r] = row r of Q4_K w . activation row t, for more than FEW activation rows (see _mm_k); few_ and
     more_ take 1-4 and 5-8 rows (_rows_k): two kernels, so that a first run's two processes compile them at once."""
-    _mm_k(w, q, d, b32, out, 144, 8, simd.q4_k_block4)
+    _mm_k(w, q, d, m, out, 144, 8, simd.q4_k_block4)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def few_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    _rows_k(w, q, d, b32, out, 144, 8, 2, 4, simd.q4_k_block2, simd.q4_k_block3, simd.q4_k_block4, simd.q4_k_block4)
+def few_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, m, out, 144, 8, 2, 4, simd.q4_k_block2, simd.q4_k_block3, simd.q4_k_block4, simd.q4_k_block4)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def more_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    _rows_k(w, q, d, b32, out, 144, 8, 5, 8, simd.q4_k_block5, simd.q4_k_block6, simd.q4_k_block7, simd.q4_k_block8)
+def more_q4_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, m, out, 144, 8, 5, 8, simd.q4_k_block5, simd.q4_k_block6, simd.q4_k_block7, simd.q4_k_block8)
 
 
 # ---- Q5_K and Q6_K x Q8_K ----
@@ -265,24 +271,24 @@ def _mm_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.nd
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray,
+def mv_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray, out: np.ndarray,
           dst: np.ndarray) -> None:
-    _mv_k(w, q, d, b32, out, dst, 176, 8, simd.q5_k_block1)
+    _mv_k(w, q, d, m, out, dst, 176, 8, simd.q5_k_block1)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mm_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    _mm_k(w, q, d, b32, out, 176, 8, simd.q5_k_block4)
+def mm_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray, out: np.ndarray) -> None:
+    _mm_k(w, q, d, m, out, 176, 8, simd.q5_k_block4)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def few_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    _rows_k(w, q, d, b32, out, 176, 8, 2, 4, simd.q5_k_block2, simd.q5_k_block3, simd.q5_k_block4, simd.q5_k_block4)
+def few_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, m, out, 176, 8, 2, 4, simd.q5_k_block2, simd.q5_k_block3, simd.q5_k_block4, simd.q5_k_block4)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def more_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, b32: np.ndarray, out: np.ndarray) -> None:
-    _rows_k(w, q, d, b32, out, 176, 8, 5, 8, simd.q5_k_block5, simd.q5_k_block6, simd.q5_k_block7, simd.q5_k_block8)
+def more_q5_k(w: np.ndarray, q: np.ndarray, d: np.ndarray, m: np.ndarray, out: np.ndarray) -> None:
+    _rows_k(w, q, d, m, out, 176, 8, 5, 8, simd.q5_k_block5, simd.q5_k_block6, simd.q5_k_block7, simd.q5_k_block8)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -432,6 +438,11 @@ KERNELS: dict[QType, Kernels] = {
     QType.Q8_0: Kernels(QType.Q8_0, mv_q8_0, few_q8_0, more_q8_0, mm_q8_0),
     QType.Q4_0: Kernels(QType.Q8_0, mv_q4_0, few_q4_0, more_q4_0, mm_q4_0),
 } if simd.AVAILABLE else {}
+
+def sums_dtype(qtype: QType) -> type:
+    """The dtype of the sums `qtype`'s kernels take (the third operand): Q4_K and Q5_K's are float32 (Acts.q8k_m)."""
+    return np.float32 if qtype in (QType.Q4_K, QType.Q5_K) else np.int32
+
 
 # weight type -> the kernel for SwiGLU's gate and up against one row
 GLU: dict[QType, Callable] = {QType.Q2_K: mv_glu_q2_k, QType.Q4_K: mv_glu_q4_k, QType.Q5_K: mv_glu_q5_k, QType.Q6_K: mv_glu_q6_k,

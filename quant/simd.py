@@ -180,13 +180,16 @@ def _dot_groups(builder: ir.IRBuilder, chains: list, quants: list, qv: list, sca
 
 def _make_q4_k_block(ntok: int, five: bool = False, pairs: bool = VNNI) -> Any:
     """Q4_K (or Q5_K, five=True) blocks against Q8_K activations: scales, mins and quants decoded once into
-    registers, then dotted with each of ntok activation rows (in pairs of sub-blocks where VNNI has vpdpbusd)."""
+    registers, then dotted with each of ntok activation rows (in pairs of sub-blocks where VNNI has vpdpbusd).
+    The sums the mins multiply come as float32, d times each 32 quants' sum (int8.quantize_q8_k's m), so that a
+    row's mins term is one FMA with the block's -dmin * mins: as an integer product converted and scaled per row
+    (ggml's way) it took seven operations a row, a quarter of a several-row block's time."""
     qs0 = 48 if five else 16                                          # Q5_K: qh[32] sits before qs
 
     @intrinsic
-    def q4_k_block(typingctx: Any, accf: Any, fo: Any, w: Any, wo: Any, q: Any, qo: Any, qs: Any, b32: Any, bo: Any,
+    def q4_k_block(typingctx: Any, accf: Any, fo: Any, w: Any, wo: Any, q: Any, qo: Any, qs: Any, m: Any, bo: Any,
                    bs: Any, d: Any, do: Any, ds: Any) -> Any:
-        sig = types.void(accf, fo, w, wo, q, qo, qs, b32, bo, bs, d, do, ds)
+        sig = types.void(accf, fo, w, wo, q, qo, qs, m, bo, bs, d, do, ds)
 
         def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
             accf_v, fo_v, w_v, wo_v, q_v, qo_v, qs_v, b_v, bo_v, bs_v, d_v, do_v, ds_v = args
@@ -197,6 +200,7 @@ def _make_q4_k_block(ntok: int, five: bool = False, pairs: bool = VNNI) -> Any:
             scales = _scales(builder, sc16, [[j] * 16 for j in range(8)], pairs)   # sub-block j: scale j
             mins = builder.zext(builder.bitcast(mn, ir.VectorType(_I8, 8)), _D8)
             dw, dminw = _f16_pair(builder, wd, wo_v)
+            mscaled = builder.fmul(builder.uitofp(mins, _F8), _splat(builder, _F8, builder.fneg(dminw)))   # -dmin * mins
             m15 = ir.Constant(_B32, [15] * 32)
             qh = _load_at(builder, wd, _plus(builder, wo_v, 16), _B32) if five else None
             nib = []
@@ -215,14 +219,13 @@ def _make_q4_k_block(ntok: int, five: bool = False, pairs: bool = VNNI) -> Any:
                 chains = _dot_groups(builder, chains, nib, qv, scales, pairs)
                 total = _sum(builder, chains)
                 bt = builder.add(bo_v, builder.mul(bs_v, ir.Constant(bs_v.type, t)))
-                msum = builder.mul(mins, _load_at(builder, bd, bt, _D8, align=4))
                 dx = _load_at(builder, dd, builder.add(do_v, builder.mul(ds_v, ir.Constant(ds_v.type, t))), _F32, 4)
                 pf = builder.bitcast(builder.gep(fa, [builder.add(fo_v, ir.Constant(fo_v.type, 8 * t))]), _F8.as_pointer())
                 r = builder.load(pf, align=4)
                 r = builder.call(_fn(builder, "llvm.fma.v8f32", _F8, [_F8, _F8, _F8]),
                                  [builder.sitofp(total, _F8), _splat(builder, _F8, builder.fmul(dx, dw)), r])
-                r = builder.call(_fn(builder, "llvm.fma.v8f32", _F8, [_F8, _F8, _F8]),
-                                 [builder.sitofp(msum, _F8), _splat(builder, _F8, builder.fneg(builder.fmul(dx, dminw))), r])
+                r = builder.call(_fn(builder, "llvm.fma.v8f32", _F8, [_F8, _F8, _F8]),     # - dmin * mins . (d * sums)
+                                 [mscaled, _load_at(builder, bd, bt, _F8, align=4), r])
                 builder.store(r, pf, align=4)
             return context.get_dummy_value()
         return sig, codegen
@@ -230,9 +233,9 @@ def _make_q4_k_block(ntok: int, five: bool = False, pairs: bool = VNNI) -> Any:
 
 
 # q4_k_block<t>: accf[fo + 8i : +8] += one Q4_K block (bytes wo..) . the Q8_K block of activation row i < t
-# (q at qo + i*qs, b32 at bo + i*bs, d at do + i*ds). A few-row product (a decode batch) decodes each weight
-# block once for all its rows; each row's arithmetic is the one-row block's, so its result does not depend on
-# the rows beside it.
+# (q at qo + i*qs, m, d times the sums per 32, at bo + i*bs, d at do + i*ds). A few-row product (a decode batch)
+# decodes each weight block once for all its rows; each row's arithmetic is the one-row block's, so its result
+# does not depend on the rows beside it.
 q4_k_block1, q4_k_block2, q4_k_block3, q4_k_block4, q4_k_block5, q4_k_block6, q4_k_block7, q4_k_block8 = (
     _make_q4_k_block(t) for t in range(1, ROWS + 1))
 q5_k_block1, q5_k_block2, q5_k_block3, q5_k_block4, q5_k_block5, q5_k_block6, q5_k_block7, q5_k_block8 = (
