@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
-from hotcold.engine.api import Model
+from hotcold.engine.api import Model, file_defaults
 from hotcold.engine.options import Options
 from hotcold.engine.sampling import SamplingParams
 
@@ -204,7 +205,8 @@ def chat(m: Model, args: argparse.Namespace) -> None:
 
 def _check_stats_flags(args: argparse.Namespace) -> None:
     """--stats and --heatmap count the expert cache; they are refused before anything runs when they cannot work."""
-    if (args.stats or args.heatmap) and not Options.parse(**given(args, Options)).residency:
+    opt = Options.parse(**file_defaults(Path(args.model), given(args, Options)))   # as Model.load will see them
+    if (args.stats or args.heatmap) and not opt.residency:
         raise ValueError("--stats and --heatmap count what the expert cache does: give --expert-budget (100% counts "
                          "every selection without evicting) or another residency option")
     if args.heatmap:

@@ -64,7 +64,7 @@ def _major_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 
 
-def _file_defaults(path: Path, options: dict[str, Any]) -> dict[str, Any]:
+def file_defaults(path: Path, options: dict[str, Any]) -> dict[str, Any]:
     """What the files next to the model choose where the user did not: with an expert or RAM budget, the expert
     predictor MODEL.predictor.npz (eMoE: moe-predictor train -m MODEL writes it there); under a RAM budget, misses
     adaptive (served by the cold copy while the hot one loads) when the cold copies are there (prefetch: see
@@ -73,7 +73,6 @@ def _file_defaults(path: Path, options: dict[str, Any]) -> dict[str, Any]:
     out = dict(options)
     if budget and "predictor" not in out and predictor_path_for(path).is_file():
         out["predictor"] = predictor_path_for(path)
-        log.info("expert predictor: %s (next to the model; --predictor none for none)", out["predictor"])
     if options.get("ram_budget") is None:
         return out
     cold = options.get("cold_path")
@@ -103,7 +102,9 @@ class Model:
         path = path if path is not None else model_path
         t0 = time.perf_counter()
         self._busy = threading.Lock()
-        self.options = opt = Options.parse(**_file_defaults(Path(path), options))
+        self.options = opt = Options.parse(**file_defaults(Path(path), options))
+        if opt.predictor is not None and "predictor" not in options:
+            log.info("expert predictor: %s (next to the model; --predictor none for none)", opt.predictor)
         self._prefetch_given = "prefetch" in options
         self.verbose = opt.verbose
         self.path = Path(path)
