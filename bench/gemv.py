@@ -1,7 +1,7 @@
 """GEMV/GEMM throughput of hotcold's quantized kernels against this machine's copy bandwidth and numpy.
 
-    python bench/kernels.py [--rows 14336 --cols 4096] [--types Q4_K Q8_0 ...] [--reps 7] [--prefill 32]
-    python bench/kernels.py --check-cache      # a second process start must compile nothing
+    python bench/gemv.py [--rows 14336 --cols 4096] [--types Q4_K Q8_0 ...] [--reps 7] [--prefill 32]
+    python bench/gemv.py --check-cache      # a second process start must compile nothing
 
 For each type: GEMV GB/s of weight bytes on 1 and 2 threads, against np.copyto of a buffer of the same size
 (GB/s of bytes read) and against numpy (hotcold dequantize, then w @ x), all measured in this run; then
