@@ -182,8 +182,8 @@ def _make_q4_k_block(ntok: int, five: bool = False, pairs: bool = VNNI) -> Any:
     """Q4_K (or Q5_K, five=True) blocks against Q8_K activations: scales, mins and quants decoded once into
     registers, then dotted with each of ntok activation rows (in pairs of sub-blocks where VNNI has vpdpbusd).
     The sums the mins multiply come as float32, d times each 32 quants' sum (int8.quantize_q8_k's m), so that a
-    row's mins term is one FMA with the block's -dmin * mins: as an integer product converted and scaled per row
-    (ggml's way) it took seven operations a row, a quarter of a several-row block's time."""
+    row's mins term is one FMA with the block's -dmin * mins, where an integer product converted and scaled per
+    row (ggml's way) takes seven operations."""
     qs0 = 48 if five else 16                                          # Q5_K: qh[32] sits before qs
 
     @intrinsic
