@@ -35,6 +35,22 @@ def test_every_policy_names_no_pinned_victim() -> None:
         assert p.victim([A, B, C], pinned={A, B}, layer=0) == C
 
 
+@pytest.mark.parametrize("kind", list(CachePolicy))
+def test_use_resident_is_use_of_each_hit_in_turn(kind: CachePolicy) -> None:
+    """The decode path's shortcut for a layer of hits leaves each policy as one `use` per key would."""
+    fast, ref = make_policy(kind, n_layer=2), make_policy(kind, n_layer=2)
+    for p in (fast, ref):
+        for k in (A, B, C):
+            p.insert(k)
+    for keys in ([B, A], [C], [A, C]):
+        fast.use_resident(keys)
+        for k in keys:
+            ref.use(k, hit=True)
+        assert (fast.hits, fast.misses, fast.clock) == (ref.hits, ref.misses, ref.clock)
+        for pinned in (set(), {A}, {C}, {A, B}):
+            assert fast.victim([A, B, C], pinned, layer=0) == ref.victim([A, B, C], pinned, layer=0)
+
+
 def test_lfu_evicts_the_least_frequently_used_ties_by_recency() -> None:
     p = LFU(n_layer=2)
     for k in (A, B, C):
