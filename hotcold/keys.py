@@ -12,15 +12,18 @@ COLD_OF = "hotcold.cold.experts_of"
 COLD_TYPE = "hotcold.cold.type"
 
 
+def _beside(main: Path, suffix: str) -> Path:
+    """MAIN.gguf (or MAIN) -> MAIN<suffix>, in the same folder."""
+    main = Path(main)
+    return main.with_name((main.name[:-5] if main.name.endswith(".gguf") else main.name) + suffix)
+
+
 def cold_path_for(out: Path) -> Path:
     """OUT.gguf -> OUT.cold.gguf, next to the main file."""
-    out = Path(out)
-    return out.with_name(out.name[:-5] + ".cold.gguf" if out.name.endswith(".gguf") else out.name + ".cold.gguf")
+    return _beside(out, ".cold.gguf")
 
 
 def predictor_path_for(model: Path) -> Path:
     """MODEL.gguf -> MODEL.predictor.npz, next to the model: where moe-predictor train -m MODEL writes, and where
     a model loaded with an expert budget finds its predictor."""
-    model = Path(model)
-    stem = model.name[:-5] if model.name.endswith(".gguf") else model.name
-    return model.with_name(stem + ".predictor.npz")
+    return _beside(model, ".predictor.npz")

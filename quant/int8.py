@@ -44,8 +44,7 @@ class Acts:
         self.q8k = np.zeros((n_rows, n), np.int8)
         self.q8k_d = np.zeros((n_rows, max(n // 256, 1)), np.float32)
         self.q8k_b16 = np.zeros((n_rows, max(n // 16, 1)), np.int32)
-        self.q8k_b32 = np.zeros((n_rows, max(n // 32, 1)), np.int32)
-        self.q8k_m = np.zeros((n_rows, max(n // 32, 1)), np.float32)   # d * b32: what Q4_K/Q5_K's mins multiply
+        self.q8k_m = np.zeros((n_rows, max(n // 32, 1)), np.float32)   # d * sums per 32: Q4_K/Q5_K's mins multiply
         self.q80 = np.zeros((n_rows, n), np.int8)
         self.q80_d = np.zeros((n_rows, max(n // 32, 1)), np.float32)
         self.q80_s = np.zeros((n_rows, max(n // 32, 1)), np.int32)
@@ -65,7 +64,7 @@ class Acts:
     def need(self, fmt: QType) -> None:
         if fmt == QType.Q8_K and not self.have_q8k:
             r = self.rows
-            quantize_q8_k(self.x, self.q8k[:r], self.q8k_d[:r], self.q8k_b16[:r], self.q8k_b32[:r], self.q8k_m[:r])
+            quantize_q8_k(self.x, self.q8k[:r], self.q8k_d[:r], self.q8k_b16[:r], self.q8k_m[:r])
             self.have_q8k = True
         elif fmt == QType.Q8_0 and not self.have_q80:
             r = self.rows
@@ -89,11 +88,10 @@ class Acts:
 # ---- activation quantizers ----
 
 @njit(cache=True)
-def quantize_q8_k(x: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, b32: np.ndarray,
-                  m: np.ndarray) -> None:
+def quantize_q8_k(x: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, m: np.ndarray) -> None:
     """Rows of x (T, n) to Q8_K as quantize_row_q8_K: per 256 block iscale = -127 / (the value of largest
-    magnitude), q = min(127, nearest_int(iscale * x)), d = 1 / iscale; plus sums per 16 and 32 quants, and the
-    latter times d in float32 (m: the Q4_K and Q5_K blocks' mins term is then one FMA a row, quant/simd.py)."""
+    magnitude), q = min(127, nearest_int(iscale * x)), d = 1 / iscale; plus sums per 16 quants, and d times the
+    sums per 32 in float32 (m: the Q4_K and Q5_K blocks' mins term is then one FMA a row, quant/simd.py)."""
     for t in range(x.shape[0]):
         for k in range(x.shape[1] // 256):
             s = k * 256
@@ -104,7 +102,6 @@ def quantize_q8_k(x: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, 
                 for j in range(16):
                     b16[t, k * 16 + j] = 0
                 for j in range(8):
-                    b32[t, k * 8 + j] = 0
                     m[t, k * 8 + j] = 0
                 d[t, k] = 0
                 continue
@@ -118,8 +115,7 @@ def quantize_q8_k(x: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, 
                 b16[t, k * 16 + j] = total
             d[t, k] = F32(1.0) / iscale
             for j in range(8):
-                b32[t, k * 8 + j] = b16[t, k * 16 + 2 * j] + b16[t, k * 16 + 2 * j + 1]
-                m[t, k * 8 + j] = d[t, k] * F32(b32[t, k * 8 + j])
+                m[t, k * 8 + j] = d[t, k] * F32(b16[t, k * 16 + 2 * j] + b16[t, k * 16 + 2 * j + 1])
 
 
 @njit(cache=True)

@@ -160,12 +160,14 @@ def _scales(builder: ir.IRBuilder, sc16: Any, lanes: list[list[int]], pairs: boo
                                    ir.Constant(ir.VectorType(_I32, 16), m)) for m in lanes]
 
 
-def _dot_groups(builder: ir.IRBuilder, chains: list, quants: list, qv: list, scales: list, pairs: bool) -> list:
-    """chains + the eight groups' products quants[i] . qv[i] (unsigned x signed bytes) times their scales, spread
-    over the chains. Without `pairs`, maddubs then a scaled madd per group; with them (VNNI), each group's 32
-    products summed in fours by vpdpbusd (|sum| <= 4 * 63 * 127 fits int16), two groups packed to int16, then one
-    scaled madd: three multiplies for two groups where the first way takes four."""
-    chains = list(chains)
+def _dot_groups(builder: ir.IRBuilder, ntok: int, quants: list, data: Any, off: Any, scales: list,
+                pairs: bool) -> Any:
+    """8 int32 lanes summing to: over the eight groups, quants[i] . (the 32 activation bytes at off + 32i in data)
+    (unsigned x signed bytes) times the group's scales. Without `pairs`, maddubs then a scaled madd per group;
+    with them (VNNI), each group's 32 products summed in fours by vpdpbusd (|sum| <= 4 * 63 * 127 fits int16), two
+    groups packed to int16, then one scaled madd: three multiplies for two groups where the first way takes four."""
+    qv = [_load_at(builder, data, _plus(builder, off, 32 * i), _B32) for i in range(8)]
+    chains = [ir.Constant(_D8, [0] * 8)] * _chains(ntok)
     for i in range(len(scales)):
         k = i % len(chains)
         if pairs:
@@ -175,7 +177,7 @@ def _dot_groups(builder: ir.IRBuilder, chains: list, quants: list, qv: list, sca
             chains[k] = _madd_acc(builder, chains[k], _pack(builder, a, b), scales[i])
         else:
             chains[k] = _madd_acc(builder, chains[k], _maddubs(builder, quants[i], qv[i]), scales[i])
-    return chains
+    return _sum(builder, chains)
 
 
 def _make_q4_k_block(ntok: int, five: bool = False, pairs: bool = VNNI) -> Any:
@@ -213,13 +215,9 @@ def _make_q4_k_block(ntok: int, five: bool = False, pairs: bool = VNNI) -> Any:
                         pair[h] = builder.or_(pair[h], builder.shl(bit, ir.Constant(_B32, [4] * 32)))
                 nib += pair
             for t in range(ntok):                                    # each activation row reuses nib and scales
-                qt = builder.add(qo_v, builder.mul(qs_v, ir.Constant(qs_v.type, t)))
-                chains = [ir.Constant(_D8, [0] * 8)] * _chains(ntok)
-                qv = [_load_at(builder, qd, _plus(builder, qt, 32 * i), _B32) for i in range(8)]   # sub-block i
-                chains = _dot_groups(builder, chains, nib, qv, scales, pairs)
-                total = _sum(builder, chains)
-                bt = builder.add(bo_v, builder.mul(bs_v, ir.Constant(bs_v.type, t)))
-                dx = _load_at(builder, dd, builder.add(do_v, builder.mul(ds_v, ir.Constant(ds_v.type, t))), _F32, 4)
+                total = _dot_groups(builder, ntok, nib, qd, _row(builder, qo_v, qs_v, t), scales, pairs)
+                bt = _row(builder, bo_v, bs_v, t)
+                dx = _load_at(builder, dd, _row(builder, do_v, ds_v, t), _F32, 4)
                 pf = builder.bitcast(builder.gep(fa, [builder.add(fo_v, ir.Constant(fo_v.type, 8 * t))]), _F8.as_pointer())
                 r = builder.load(pf, align=4)
                 r = builder.call(_fn(builder, "llvm.fma.v8f32", _F8, [_F8, _F8, _F8]),
@@ -271,11 +269,7 @@ def _make_q6_k_block(ntok: int, pairs: bool = VNNI) -> Any:
                     lanes.append([j] * 8 + [j + 1] * 8)              # its two 16-quant halves' scales
             scales = _scales(builder, sc16, lanes, pairs)
             for t in range(ntok):
-                qt = _row(builder, qo_v, qs_v, t)
-                chains = [ir.Constant(_D8, [0] * 8)] * _chains(ntok)
-                qv = [_load_at(builder, qd, _plus(builder, qt, 32 * i), _B32) for i in range(8)]   # quants 32i..
-                chains = _dot_groups(builder, chains, quants, qv, scales, pairs)
-                total = _sum(builder, chains)
+                total = _dot_groups(builder, ntok, quants, qd, _row(builder, qo_v, qs_v, t), scales, pairs)
                 bt = _row(builder, bo_v, bs_v, t)
                 m = builder.add(builder.mul(sc32[0], _load_at(builder, bd, bt, _D8, 4)),
                                 builder.mul(sc32[1], _load_at(builder, bd, _plus(builder, bt, 8), _D8, 4)))
@@ -319,11 +313,7 @@ def _make_q2_k_block(ntok: int, pairs: bool = VNNI) -> Any:
                     lanes.append([k] * 8 + [k + 1] * 8)
             scales = _scales(builder, sc16, lanes, pairs)
             for t in range(ntok):
-                qt = _row(builder, qo_v, qs_v, t)
-                chains = [ir.Constant(_D8, [0] * 8)] * _chains(ntok)
-                qv = [_load_at(builder, qd, _plus(builder, qt, 32 * i), _B32) for i in range(8)]   # quants 32i..
-                chains = _dot_groups(builder, chains, quants, qv, scales, pairs)
-                total = _sum(builder, chains)
+                total = _dot_groups(builder, ntok, quants, qd, _row(builder, qo_v, qs_v, t), scales, pairs)
                 bt = _row(builder, bo_v, bs_v, t)
                 m = builder.add(builder.mul(mins[0], _load_at(builder, bd, bt, _D8, 4)),
                                 builder.mul(mins[1], _load_at(builder, bd, _plus(builder, bt, 8), _D8, 4)))

@@ -6,8 +6,8 @@ tier: the low-precision copies (cold.py). Misses that would evict are served hot
 miss mode (HOBBIT, rules.py); selection can prefer residents (MoE-ERAS); prefetch queues the experts the
 next layers' routers predict. With an expert predictor (eMoE, ahead.py) each prompt's predicted experts are
 loaded before its prefill, and while it runs the resident expected to be selected least (the prediction plus
-the recent selections, decayed per token) is evicted, or a miss expected less than every resident is served from where it
-lies. Every decision is counted per layer (stats.py).
+the recent selections, decayed per token) is evicted, or a miss expected less than every resident is served
+from where it lies. Every decision is counted per layer (stats.py).
 """
 from __future__ import annotations
 
