@@ -22,7 +22,6 @@ from numba import njit, prange
 from . import simd
 from .fp import f32_round_f16, nearest_int
 from .kernels import _stack
-from .kquants import _signed_absmax
 from .types import QType
 from .vec import silu_mul
 
@@ -90,13 +89,23 @@ class Acts:
 @njit(cache=True)
 def quantize_q8_k(x: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, m: np.ndarray) -> None:
     """Rows of x (T, n) to Q8_K as quantize_row_q8_K: per 256 block iscale = -127 / (the value of largest
-    magnitude), q = min(127, nearest_int(iscale * x)), d = 1 / iscale; plus sums per 16 quants, and d times the
-    sums per 32 in float32 (m: the Q4_K and Q5_K blocks' mins term is then one FMA a row, quant/simd.py)."""
+    magnitude, the first on ties), q = min(127, nearest_int(iscale * x)), d = 1 / iscale; plus sums per 16 quants,
+    and d times the sums per 32 in float32 (m: the Q4_K and Q5_K blocks' mins term is then one FMA a row,
+    quant/simd.py). Each step is a loop of its own, so that LLVM vectorises it (the magnitudes compared as the
+    integers of their bits, whose order is theirs)."""
+    xi = x.view(np.int32)
     for t in range(x.shape[0]):
         for k in range(x.shape[1] // 256):
             s = k * 256
-            vmax, amax = _signed_absmax(x[t], s, 256)
-            if amax == 0:
+            top = np.int32(0)
+            for j in range(256):
+                top = max(top, np.int32(xi[t, s + j] & np.int32(0x7FFFFFFF)))
+            vmax = F32(0)
+            for j in range(256):
+                if xi[t, s + j] & np.int32(0x7FFFFFFF) == top:
+                    vmax = x[t, s + j]
+                    break
+            if vmax == 0:
                 for j in range(256):
                     q[t, s + j] = 0
                 for j in range(16):
@@ -109,9 +118,9 @@ def quantize_q8_k(x: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, 
             for j in range(256):
                 q[t, s + j] = min(127, nearest_int(F32(iscale * x[t, s + j])))
             for j in range(16):
-                total = 0
+                total = np.int32(0)
                 for i in range(16):
-                    total += q[t, s + 16 * j + i]
+                    total += np.int32(q[t, s + 16 * j + i])
                 b16[t, k * 16 + j] = total
             d[t, k] = F32(1.0) / iscale
             for j in range(8):

@@ -96,6 +96,9 @@ def test_activation_quantizers_equal_llama_cpp(traits, fmt: QType) -> None:
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((4, 1024)) * np.array([[1e-3], [1.0], [30.0], [1e4]])).astype(np.float32)
     x[0, :32] = 0                                   # an all-zero block
+    x[1, 3], x[1, 10], x[1, 256 + 3], x[1, 256 + 10] = -5, 5, 5, -5   # ties of magnitude: the first one counts
+    x[2, 512:768] = 0
+    x[2, 600] = -0.0
     for row in x:
         ref = traits.from_float(row, fmt)
         a = _acts(row[None], fmt)
