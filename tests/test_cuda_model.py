@@ -77,7 +77,7 @@ def _device_cache(model: Transformer, ctx: Context, opt: Options, cold: list | N
 @pytest.mark.parametrize("placement", ["gpu", "cpu"])
 def test_cold_misses_on_either_side_match_the_ram_cache(tmp_path: Path, placement: str) -> None:
     path, cold = _hot_cold(tmp_path)
-    opt = Options.parse(expert_budget="25%", miss="cold", prefetch=1, device="cuda", miss_placement=placement)
+    opt = Options.parse(expert_budget="50%", miss="cold", prefetch=1, device="cuda", miss_placement=placement)
     cpu, cctx = _cpu_model(path)
     cctx.experts = ram = ExpertCache(cpu.experts.experts, opt, cold)
     dev, dctx, _ = _gpu_model(path)

@@ -157,6 +157,23 @@ def test_hot_misses_load_then_hit() -> None:
     assert c.stats[0].bytes_moved == 2 * c.hot[0][0].nbytes
 
 
+def test_a_pass_keeps_what_it_used_and_streams_past_its_budget() -> None:
+    """4 slots, a pass of two layers that selects 3 experts in each: layer 1 may not evict layer 0's, so one of
+    its misses fills the free slot and the others are read from where they lie; the next pass hits what stayed."""
+    c = _cache("50%")                                            # 4 of 8 experts
+    for _ in range(2):
+        c.prepare(0, _routing([[0, 1], [1, 2]]))                 # a batch: experts 0, 1, 2 of layer 0
+        plan = c.prepare(1, _routing([[0, 1], [2, 1]]))          # experts 0, 1, 2 of layer 1
+        assert set(c.arena.slot_of) == {(0, 0), (0, 1), (0, 2), (1, 0)}
+        assert all(plan.experts[e] is c.hot[1][e] for e in (1, 2))   # streamed: computed from the file
+    assert (c.stats[0].hits, c.stats[0].loads) == (4, 3)        # layer 0 loaded once, then hit
+    assert (c.stats[1].hits, c.stats[1].loads) == (1, 1)        # of layer 1 only expert 0 stays (one selection)
+    assert c.stats[1].bytes_moved == 5 * c.hot[1][0].nbytes     # 1 load, 2 x 2 streams
+    c.prepare(0, _routing([[0, 1]]))                             # a decode pass: what it did not use can go
+    c.prepare(1, _routing([[3, 1]]))
+    assert set(c.arena.slot_of) == {(0, 0), (0, 1), (1, 1), (1, 3)}
+
+
 def test_arena_copy_is_the_hot_expert() -> None:
     c = _cache("100%")
     plan = c.prepare(1, _routing([[3, 2]]))

@@ -7,7 +7,8 @@ miss mode (HOBBIT, rules.py); selection can prefer residents (MoE-ERAS); prefetc
 next layers' routers predict. With an expert predictor (eMoE, ahead.py) each prompt's predicted experts are
 loaded before its prefill, and while it runs the resident expected to be selected least (the prediction plus
 the recent selections, decayed per token) is evicted, or a miss expected less than every resident is served
-from where it lies. Every decision is counted per layer (stats.py).
+from where it lies. An expert a forward pass has used is not evicted by its later layers: past a pass's working
+set the rest is served from where it lies. Every decision is counted per layer (stats.py).
 """
 from __future__ import annotations
 
@@ -57,6 +58,13 @@ class ExpertCache:
         self.activations = np.zeros((self.n_layer, self.n_expert), dtype=np.int64)
         self._act_rows = list(self.activations)                             # row views, made once
         self._fits_all = n_slots >= len(all_experts)                         # no victim is ever chosen
+        # the experts this forward pass has used so far, which its later layers may not evict: a budget below a
+        # pass's working set (a batch of many sequences) then streams the rest instead of cycling every expert
+        # through the arena each pass (Belady: they are all needed again next pass); with a GPU arena the host
+        # computes a streamed expert where it lies (Fiddler). Not on the disk tier, where a stream is served cold.
+        self._protect_step = not self._fits_all and not isinstance(self.arena, DiskArena)
+        self._step: set[Key] = set()
+        self._step_layer = -1
         self.miss_cost: MissCost | None = None  # measured on a GPU at load (cuda.calibrate)
         self._predicted: list[set[int] | None] = [None] * self.n_layer
         self._in_use: set[Key] = set()                                      # the current layer's plan: never evicted
@@ -107,9 +115,17 @@ class ExpertCache:
             return self._prepare_token(layer, routing)
         return self._prepare_batch(layer, routing)
 
+    def _new_step(self, layer: int) -> None:
+        """A layer no later than the last one starts a new forward pass."""
+        if layer <= self._step_layer:
+            self._step.clear()
+        self._step_layer = layer
+
     def _prepare_batch(self, layer: int, routing: Routing) -> Plan:
         st, ids = self.stats[layer], routing.experts                         # ids (T, k)
         self._begin()
+        if self._protect_step:
+            self._new_step(layer)
         st.tokens += ids.shape[0]
         np.add.at(self.activations[layer], ids.ravel(), 1)
         if self._expect is not None:
@@ -144,6 +160,8 @@ class ExpertCache:
                 st.bytes_moved += experts[e].nbytes
                 st.cold += n_cold
         self._in_use = pinned
+        if self._protect_step:
+            self._step |= pinned
         return Plan(experts, weights)
 
     def _prepare_token(self, layer: int, routing: Routing) -> Plan:
@@ -153,6 +171,8 @@ class ExpertCache:
         if not self._plain_begin:
             self._begin()
         st.tokens += 1
+        if self._protect_step:
+            self._new_step(layer)
         act = self._act_rows[layer]
         for e in ids:
             act[e] += 1
@@ -173,7 +193,10 @@ class ExpertCache:
             if self._fits_all:                                               # the order of uses decides nothing
                 self.policy.hits += len(ids)
             else:
-                self.policy.use_resident([(layer, e) for e in sorted(ids)])
+                keys = [(layer, e) for e in sorted(ids)]
+                self.policy.use_resident(keys)
+                if self._protect_step:
+                    self._step.update(keys)
             if self._disk:
                 self._in_use = {(layer, e) for e in ids}
             return Plan(dict(zip(ids, found)), w)
@@ -212,6 +235,8 @@ class ExpertCache:
                 st.bytes_moved += experts[e].nbytes
                 st.cold += 1
         self._in_use = pinned
+        if self._protect_step:
+            self._step |= pinned
         return Plan(experts, weights)
 
     def prefetch(self, layer: int, experts: np.ndarray) -> None:
@@ -286,6 +311,8 @@ class ExpertCache:
         `computing`: the result is computed with at once, so a RAM arena leaves the copy to that computation;
         `preload`: a predicted expert loaded before its prompt (the policy evicts the unpredicted, `pinned`)."""
         if not self.arena.free:
+            if self._step and not preload:
+                pinned = pinned | self._step
             if self._expect is not None and not preload:
                 victim = self._least_expected(key, pinned)
             else:
@@ -389,6 +416,7 @@ class ExpertCache:
             self.arena.drop(key)
         self.policy = make_policy(self.opt.cache_policy, self.n_layer)
         self._in_use = set()
+        self._step.clear()
         self._protected = set()
         self._expect = None
         self._seen[:] = 0
