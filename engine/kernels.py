@@ -87,9 +87,8 @@ def _attend_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, c0: np.ndarray, sp
 @njit(cache=True, inline="always")
 def _attend_task(q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, h: int, c: int, n: int, out: np.ndarray,
                  scratch: np.ndarray, cvt: Callable, rnd: Callable) -> None:
-    """One (token, head): query row t, head h, over cache cells c .. c + n - 1. Cells go four at a time: four
-    q.k sums share each load of q, and each pass over the output row adds four weighted V rows (a pass per cell
-    kept the row in memory: 4x its loads and stores, the most of the time)."""
+    """One (token, head): query row t, head h, over cache cells c .. c + n - 1. Each pass over the output row adds
+    four weighted V rows (a pass per cell kept the row in memory: 4x its loads and stores, most of the time)."""
     nh, d = q.shape[1], q.shape[2]
     g = nh // k.shape[1]
     scale = F32(1.0 / math.sqrt(d))
@@ -100,18 +99,7 @@ def _attend_task(q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, h: int, c:
     for i in range(d):
         qr[i] = rnd(q[t, h, i])
     m = F32(-np.inf)
-    n4 = n - n % 4
-    for j in range(0, n4, 4):
-        a0, a1, a2, a3 = F32(0), F32(0), F32(0), F32(0)
-        for i in range(d):
-            qi = qr[i]
-            a0 += qi * cvt(k[c + j, kv, i])
-            a1 += qi * cvt(k[c + j + 1, kv, i])
-            a2 += qi * cvt(k[c + j + 2, kv, i])
-            a3 += qi * cvt(k[c + j + 3, kv, i])
-        s[j], s[j + 1], s[j + 2], s[j + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
-        m = max(m, max(max(s[j], s[j + 1]), max(s[j + 2], s[j + 3])))
-    for j in range(n4, n):
+    for j in range(n):
         acc = F32(0)
         for i in range(d):
             acc += qr[i] * cvt(k[c + j, kv, i])
@@ -121,15 +109,17 @@ def _attend_task(q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, h: int, c:
     o = _stack(MAX_HEAD_DIM, F32)
     for i in range(d):
         o[i] = 0
+    for j in range(n):
+        s[j] = rnd(s[j] * inv)                                              # the probabilities, as V's type weighs them
+    n4 = n - n % 4
     for j in range(0, n4, 4):
-        p0, p1, p2, p3 = rnd(s[j] * inv), rnd(s[j + 1] * inv), rnd(s[j + 2] * inv), rnd(s[j + 3] * inv)
+        p0, p1, p2, p3 = s[j], s[j + 1], s[j + 2], s[j + 3]
         for i in range(d):
             o[i] += (p0 * cvt(v[c + j, kv, i]) + p1 * cvt(v[c + j + 1, kv, i])) + \
                 (p2 * cvt(v[c + j + 2, kv, i]) + p3 * cvt(v[c + j + 3, kv, i]))
     for j in range(n4, n):
-        pj = rnd(s[j] * inv)
         for i in range(d):
-            o[i] += pj * cvt(v[c + j, kv, i])
+            o[i] += s[j] * cvt(v[c + j, kv, i])
     for i in range(d):
         out[t, h * d + i] = o[i]
 
