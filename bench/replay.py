@@ -6,12 +6,16 @@ kept from prompt to prompt. A selection of a non-resident expert is one move (an
 loaded into a slot or computed from where it lies (bypass). Policies: LRU (what the store does without a
 predictor); Belady's MIN with bypass (evict the resident used again furthest ahead, or leave the arena alone if
 the missed expert comes back later than all of them: the fewest moves any policy can make, given the future);
-and a static set per prompt (its own most-selected experts, known in advance: the best a perfect prompt-level
-prediction with no in-prompt eviction can do). bench/emoe.py prints them beside the store's measurements.
+a static set per prompt (its own most-selected experts, known in advance: the best a perfect prompt-level
+prediction with no in-prompt eviction can do); and an online policy, each expert's selections decayed per decode
+token with bypass, alone and knowing the current token's later layers (an exact HOBBIT lookahead). bench/emoe.py
+prints them beside the store's measurements.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+
+import numpy as np
 
 from hotcold.engine.trace import Traces
 
@@ -94,9 +98,62 @@ def static_moves(tr: Traces, steps: list, slots: int) -> int:
     return moves
 
 
+def later_in_token(steps: list) -> list[set]:
+    """For each step, the keys its token selects at later layers (a decode token's rest of the pass, a prefill's
+    later layers): what HOBBIT's lookahead predicts, known exactly here."""
+    out: list[set] = [set() for _ in steps]
+    ahead: set = set()
+    below = NEVER
+    for s in range(len(steps) - 1, -1, -1):
+        layer = steps[s][2][0][0] if steps[s][2] else 0
+        if layer >= below:                                      # the next step starts another pass
+            ahead = set()
+        out[s] = set(ahead)
+        ahead |= set(steps[s][2])
+        below = layer
+    return out
+
+
+def frequency_moves(steps: list, slots: int, n_layer: int, n_expert: int, decay: float = 0.95,
+                    foresight: bool = False) -> int:
+    """An online policy: each expert's selections, decayed by `decay` a decode token; a miss evicts the unselected
+    resident selected least, or is computed where it lies (bypass) if it is selected less than that one; with
+    `foresight`, residents the token selects at later layers are never evicted."""
+    ahead = later_in_token(steps) if foresight else [set()] * len(steps)
+    count = np.zeros((n_layer, n_expert))
+    res: set = set()
+    moves, last = 0, -1
+    for s, (_, pre, keys) in enumerate(steps):
+        layer = keys[0][0] if keys else 0
+        if layer <= last and not pre:
+            count *= decay
+        last = layer
+        for k in keys:
+            count[k] += 1
+        for k in keys:
+            if k in res:
+                continue
+            moves += 1
+            if len(res) < slots:
+                res.add(k)
+                continue
+            cands = [x for x in res if x not in keys and x not in ahead[s]]
+            if not cands:
+                continue
+            victim = min(cands, key=lambda x: count[x])
+            if count[k] >= count[victim]:
+                res.discard(victim)
+                res.add(k)
+    return moves
+
+
 def bounds(tr: Traces, slots: int) -> dict[str, float]:
-    """Moves per traced token of LRU, Belady's MIN with bypass and the per-prompt static oracle."""
+    """Moves per traced token of LRU, Belady's MIN with bypass, the per-prompt static oracle, and the decayed
+    frequency policy without and with the token's later layers known."""
     steps = accesses(tr)
     n = int(tr.offsets[-1])
     return {"LRU": lru_moves(steps, slots) / n, "Belady (offline)": belady_moves(steps, slots) / n,
-            "static per prompt (oracle)": static_moves(tr, steps, slots) / n}
+            "static per prompt (oracle)": static_moves(tr, steps, slots) / n,
+            "decayed frequency, bypass": frequency_moves(steps, slots, tr.n_layer, tr.n_expert) / n,
+            "decayed frequency, bypass, token foresight": frequency_moves(steps, slots, tr.n_layer, tr.n_expert,
+                                                                          foresight=True) / n}
