@@ -14,6 +14,7 @@ prints them beside the store's measurements.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 import numpy as np
 
@@ -54,6 +55,30 @@ def lru_moves(steps: list, slots: int) -> int:
     return moves
 
 
+def _bypass_moves(steps: list, slots: int, observe: Callable, protected: Callable, score: Callable) -> int:
+    """The replay of a policy with bypass: each step's selections go to `observe(s, pre, keys)` first; a miss with
+    the arena full evicts the candidate (not selected now, not in `protected(s)`) of the highest score(key), unless
+    the missed expert's own score is no lower, when it is computed where it lies."""
+    res: set = set()
+    moves = 0
+    for s, (_, pre, keys) in enumerate(steps):
+        observe(s, pre, keys)
+        for k in keys:
+            if k in res:
+                continue
+            moves += 1
+            if len(res) < slots:
+                res.add(k)
+                continue
+            cands = [x for x in res if x not in keys and x not in protected(s)]
+            if cands:
+                victim = max(cands, key=score)
+                if score(victim) > score(k):
+                    res.discard(victim)
+                    res.add(k)
+    return moves
+
+
 def belady_moves(steps: list, slots: int) -> int:
     nxt: list[dict] = [{} for _ in steps]                      # step -> key -> the next step that selects it
     later: dict = {}
@@ -62,25 +87,11 @@ def belady_moves(steps: list, slots: int) -> int:
             nxt[s][k] = later.get(k, NEVER)
             later[k] = s
     upcoming = dict(later)
-    res: set = set()
-    moves = 0
-    for s, (_, _, keys) in enumerate(steps):
+
+    def observe(s: int, pre: bool, keys: list) -> None:
         for k in keys:
             upcoming[k] = nxt[s][k]
-        for k in keys:
-            if k in res:
-                continue
-            moves += 1
-            if len(res) < slots:
-                res.add(k)
-                continue
-            cands = [x for x in res if x not in keys]
-            if cands:
-                victim = max(cands, key=upcoming.__getitem__)
-                if upcoming[victim] > upcoming[k]:
-                    res.discard(victim)
-                    res.add(k)
-    return moves
+    return _bypass_moves(steps, slots, observe, lambda s: (), upcoming.__getitem__)
 
 
 def static_moves(tr: Traces, steps: list, slots: int) -> int:
@@ -121,30 +132,16 @@ def frequency_moves(steps: list, slots: int, n_layer: int, n_expert: int, decay:
     `foresight`, residents the token selects at later layers are never evicted."""
     ahead = later_in_token(steps) if foresight else [set()] * len(steps)
     count = np.zeros((n_layer, n_expert))
-    res: set = set()
-    moves, last = 0, -1
-    for s, (_, pre, keys) in enumerate(steps):
+    last = [-1]
+
+    def observe(s: int, pre: bool, keys: list) -> None:
         layer = keys[0][0] if keys else 0
-        if layer <= last and not pre:
-            count *= decay
-        last = layer
+        if layer <= last[0] and not pre:
+            count[:] *= decay
+        last[0] = layer
         for k in keys:
             count[k] += 1
-        for k in keys:
-            if k in res:
-                continue
-            moves += 1
-            if len(res) < slots:
-                res.add(k)
-                continue
-            cands = [x for x in res if x not in keys and x not in ahead[s]]
-            if not cands:
-                continue
-            victim = min(cands, key=lambda x: count[x])
-            if count[k] >= count[victim]:
-                res.discard(victim)
-                res.add(k)
-    return moves
+    return _bypass_moves(steps, slots, observe, ahead.__getitem__, lambda k: -count[k])
 
 
 def bounds(tr: Traces, slots: int) -> dict[str, float]:

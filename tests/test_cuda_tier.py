@@ -65,6 +65,8 @@ def _moe(be: Backend, cache: ExpertCache, x: np.ndarray, router: np.ndarray, lay
     plan = cache.prepare(layer, routing)
     s = SimpleNamespace(device=be.moe_state(T * 2))
     here, host = be.split(plan.groups(routing), s)
+    for expert, _, _ in host:                         # only experts streamed from host memory, never a VRAM resident
+        assert any(expert is e for e in cache.hot[layer])
     scratch = FFNScratch(be, T, H, F)
     out = be.empty((T, H))
     combine(be, here, be.acts(be.upload(x, be.empty((T, H))), be.new_acts(T, H)), scratch, Activation.SILU, out)
