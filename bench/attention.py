@@ -2,9 +2,10 @@
 against the bit formula (its fallback), in one process, alternating; outputs must be bit-identical.
 
 One decode row (T=1), --heads query heads over --kv-heads cached heads of --dim, at each position in --positions;
-microseconds per call, medians of --reps rounds of --calls calls, on 1 and 2 threads.
+microseconds per call, medians of --reps rounds of --calls calls, on 1 and 2 threads. Then the batch kernel
+(attention_rows_f16, moe-server's decode step): one row of each of --seqs sequences at the same positions.
 
-    python bench/attention.py [--positions 64 192 512] [--heads 16] [--kv-heads 8] [--dim 128]
+    python bench/attention.py [--positions 64 192 512] [--heads 16] [--kv-heads 8] [--dim 128] [--seqs 8]
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--seqs", type=int, default=8, help="sequences of the batch kernel's table (one row each)")
     args = ap.parse_args()
     n_ctx = max(args.positions) + 1
     rng = np.random.default_rng(0)
@@ -61,6 +63,33 @@ def main() -> None:
                     times[name].append((time.perf_counter() - t) / args.calls * 1e6)
             e, fm = np.median(times["engine"]), np.median(times["formula"])
             print(f"| {th} | {p} | {e:.1f} | {fm:.1f} | {fm / e:.2f}x |", flush=True)
+    batch(args, rng)
+
+
+def batch(args: argparse.Namespace, rng: np.random.Generator) -> None:
+    """attention_rows_f16 (moe-server's decode step): one row for each of --seqs sequences, each over its own
+    cells of one cache."""
+    S, n_ctx = args.seqs, max(args.positions) + 1
+    q = rng.standard_normal((S, args.heads, args.dim)).astype(np.float32)
+    k, v = (rng.standard_normal((S * n_ctx, args.kv_heads, args.dim)).astype(np.float16).view(np.uint16) for _ in "kv")
+    scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, n_ctx + args.dim), np.float32)
+    out = np.zeros((S, args.heads * args.dim), np.float32)
+    c0 = np.arange(S, dtype=np.int64) * n_ctx
+    print(f"\nattention_rows_f16, one row of each of {args.seqs} sequences; us per call (median of --reps)\n")
+    print("| threads | positions | us |")
+    print("|---:|---:|---:|")
+    for th in (1, 2):
+        numba.set_num_threads(min(th, numba.config.NUMBA_NUM_THREADS))
+        for p in args.positions:
+            span = np.full(S, p, dtype=np.int64)
+            K.attention_rows_f16(q, k, v, c0, span, out, scratch)
+            times = []
+            for _ in range(args.reps):
+                t = time.perf_counter()
+                for _ in range(args.calls):
+                    K.attention_rows_f16(q, k, v, c0, span, out, scratch)
+                times.append((time.perf_counter() - t) / args.calls * 1e6)
+            print(f"| {th} | {p} | {np.median(times):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

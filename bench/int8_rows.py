@@ -4,7 +4,8 @@ A decode step of N sequences gives each selected expert a few activation rows (8
 2.2 rows each); a one-row product streams its weights, several rows make it compute-bound sooner. For each T in
 --rows: the expert's down product (--ff x --embd weights against T rows) and its SwiGLU gate and up (two
 --embd x --ff matrices) on `threads` threads, over --mats matrices (larger than the last-level cache), and the
-one-row product with its weights in L2 (the compute-bound rate). Best of --reps.
+one-row product with its weights in L2 (the compute-bound rate). Best of --reps. Then the activations' quantization
+(Acts.need: what each matrix input costs once, whatever reads it) for each T.
 
     python bench/int8_rows.py [--type Q4_K] [--rows 1 2 3 4 8] [--threads 1 2] [--embd 2048] [--ff 5632]
 """
@@ -67,6 +68,21 @@ def main() -> None:
             s = best(lambda: [int8.swiglu_product(gates[i], gates[i + 1], t, aH, g, u)
                               for i in range(0, len(gates), 2)], args.reps) if glu else np.nan
             print(f"| {th} | {T} | {nbytes / d / 1e9:.1f} | {2 * nbytes / s / 1e9:.1f} | {l2 / 1e9:.1f} |", flush=True)
+    fmt = int8.KERNELS[t].fmt
+    print(f"\nactivations to {fmt.name} (once per matrix input, one thread): microseconds, best of {args.reps} x 200\n")
+    print("| rows | x --embd | x --ff |")
+    print("|---:|---:|---:|")
+    for T in args.rows:
+        us = []
+        for n in (H, F):
+            a = int8.Acts(T, n)
+            x = rng.standard_normal((T, n), dtype=np.float32)
+
+            def quantize_acts() -> None:
+                for _ in range(200):
+                    a.bind(x).need(fmt)
+            us.append(best(quantize_acts, args.reps) / 200 * 1e6)
+        print(f"| {T} | {us[0]:.1f} | {us[1]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
