@@ -88,7 +88,7 @@ def _attend_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, c0: np.ndarray, sp
 def _attend_task(q: np.ndarray, k: np.ndarray, v: np.ndarray, t: int, h: int, c: int, n: int, out: np.ndarray,
                  scratch: np.ndarray, cvt: Callable, rnd: Callable) -> None:
     """One (token, head): query row t, head h, over cache cells c .. c + n - 1. Each pass over the output row adds
-    four weighted V rows (a pass per cell kept the row in memory: 4x its loads and stores, most of the time)."""
+    four weighted V rows, so the row is loaded and stored once per four cells, not per cell (bench/attention.py)."""
     nh, d = q.shape[1], q.shape[2]
     g = nh // k.shape[1]
     scale = F32(1.0 / math.sqrt(d))
