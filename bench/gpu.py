@@ -11,7 +11,11 @@ HOTCOLD_LLAMA_CPP_SRC) with -DGGML_CUDA=ON, once, into --build.
 
     python bench/gpu.py [--gb 8] [--expert-share 0.25] [--prompt 64] [--decode 128] [--dry-run]
 
---dry-run prints the plan (model shape, N, budgets, commands) without a GPU or a build.
+--dry-run prints the plan (model shape, N, budgets, commands) without a GPU or a build; --build-only builds
+llama-bench and stops (bench/device_check.sh builds it while the CUDA tests run); --no-llama prints hotcold's
+columns alone. The build leaves out llama.cpp's server, tests and examples (a trimmed source tree is enough)
+and, with --llama-fa off, its FlashAttention kernels (a third of the compile; at a few hundred cells of context
+attention is a small part of a decode step either way).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from decode import generate_gguf  # noqa: E402
 from hotcold.engine.gguf_file import GGUFFile  # noqa: E402
 
 
-def build_llama_bench(src: Path | None, build: Path) -> Path:
+def build_llama_bench(src: Path | None, build: Path, fa: bool = True) -> Path:
     """llama-bench with CUDA from llama.cpp's C/C++ sources (the sdist's vendor/llama.cpp); cached in `build`."""
     exe = build / "bin" / "llama-bench"
     if exe.is_file():
@@ -43,8 +47,10 @@ def build_llama_bench(src: Path | None, build: Path) -> Path:
             "llama-cpp-python -d DIR`, unpack it, and pass --llama-src DIR/llama_cpp_python-*/vendor/llama.cpp "
             "(or set HOTCOLD_LLAMA_CPP_SRC)")
     subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DGGML_CUDA=ON", "-DLLAMA_CURL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-                    "-DCMAKE_CUDA_ARCHITECTURES=native"], check=True)
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                    "-DLLAMA_OPENSSL=OFF", "-DGGML_CUDA_NCCL=OFF", f"-DGGML_CUDA_FA={'ON' if fa else 'OFF'}",
+                    "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"],
+                   check=True)
     subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", "-j", str(os.cpu_count() or 2)],
                    check=True)
     return exe
@@ -92,8 +98,14 @@ def main() -> None:
                     help="llama.cpp's source tree, C/C++ included (default: $HOTCOLD_LLAMA_CPP_SRC)")
     ap.add_argument("--build", type=Path, default=Path.home() / ".cache" / "hotcold" / "llama-cuda-build")
     ap.add_argument("--work", type=Path, default=None, help="where the generated model goes (default: a temp dir)")
+    ap.add_argument("--llama-fa", choices=["on", "off"], default="on", help="build llama.cpp's FlashAttention kernels")
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--build-only", action="store_true", help="build llama-bench and stop")
+    ap.add_argument("--no-llama", action="store_true", help="hotcold alone (no llama.cpp build or columns)")
     args = ap.parse_args()
+    if args.build_only:
+        print(build_llama_bench(args.llama_src, args.build, args.llama_fa == "on"))
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="hotcold-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
     model = work / f"gen-{args.gb:g}gb-q4_k.gguf"
@@ -115,17 +127,21 @@ def main() -> None:
             print(f"- {name}: llama-bench -m {model} -ngl 99 --n-cpu-moe {n} -p {args.prompt} -n {args.decode}; "
                   f"hotcold Model.load(device='cuda', expert_budget='{s:.4%}', prefetch={pf})")
         return
-    exe = build_llama_bench(args.llama_src, args.build)
+    exe = None if args.no_llama else build_llama_bench(args.llama_src, args.build, args.llama_fa == "on")
     print("\n| configuration | hotcold prompt t/s | llama.cpp prompt t/s | ratio | hotcold decode t/s | "
           "llama.cpp decode t/s | ratio | hotcold hit rate | hotcold VRAM GiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     llama: dict[int, tuple[float, float]] = {}
     for name, n, s, pf in runs:
         hp, hd, rep = hotcold(model, s, prompt, args.decode, pf)
+        hits = rep["hits"] / max(rep["hits"] + rep["misses"], 1)
+        if exe is None:
+            print(f"| {name} | {hp:.1f} | - | - | {hd:.1f} | - | - | {hits:.2f} | {rep['vram_used'] / 2**30:.2f} |",
+                  flush=True)
+            continue
         if n not in llama:
             llama[n] = llama_bench(exe, model, n, args.prompt, args.decode, args.threads)
         lp, ld = llama[n]
-        hits = rep["hits"] / max(rep["hits"] + rep["misses"], 1)
         print(f"| {name} | {hp:.1f} | {lp:.1f} | {hp / lp:.2f}x | {hd:.1f} | {ld:.1f} | {hd / ld:.2f}x | "
               f"{hits:.2f} | {rep['vram_used'] / 2**30:.2f} |", flush=True)
 
