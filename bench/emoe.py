@@ -19,7 +19,9 @@ after '::', code-block directives, doctest lines), `table` (grid, simple and lis
    context and greedy for --decode tokens: LRU with hot misses; LRU with the predictor loading each prompt's
    experts before its prefill, predicting every p = 1, 10, 40 prompts; MoE-ERAS (alpha --eras) with the
    predictor at p = 40; the predictor at p = 40 with HOBBIT's mixed-precision misses (the cold Q4_K copy computes
-   a miss ranked below a gate weight share of 0.8, none skipped). For each: arena MiB, misses and expert MiB moved
+   a miss ranked below a gate weight share of 0.8, none skipped); token lookup (--token-lookup tokens predicted from
+   the routing of the current token's last occurrence and what followed it, engine/experts/lookup.py), alone and
+   with the predictor at p = 40. For each: arena MiB, misses and expert MiB moved
    per token (prefill and decode tokens;
    the predictor's loads count; a cold miss moves its cold copy's bytes), perplexity of the held-out text
    (--ppl-chunks chunks of 256 tokens), and output similarity: the share of the plain engine's greedy tokens the
@@ -163,6 +165,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[25, 40, 60])
     ap.add_argument("--eras", type=float, default=0.1, help="MoE-ERAS alpha of the ERAS + prediction runs")
     ap.add_argument("--ppl-chunks", type=int, default=8)
+    ap.add_argument("--token-lookup", type=int, default=4, help="tokens ahead of the token lookup rows")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     path = args.work / "trained-q8_0.gguf"
@@ -205,6 +208,9 @@ def main() -> None:
         configs["ERAS + prediction, p=40"] = dict(common, predictor=pred_path, predict_every=40, eras_alpha=args.eras)
         configs["prediction + mixed-precision misses, p=40"] = dict(common, predictor=pred_path, predict_every=40,
                                                                     miss="adaptive", miss_t1=0.8, miss_t2=1.0)
+        configs["token lookup"] = dict(common, token_lookup=args.token_lookup)
+        configs["prediction + token lookup, p=40"] = dict(common, predictor=pred_path, predict_every=40,
+                                                           token_lookup=args.token_lookup)
         lru = None
         for name, opts in configs.items():
             row, _ = run_config(path, opts, va_prompts, args.decode, text, args.ppl_chunks, plain_outs)

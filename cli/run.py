@@ -107,6 +107,9 @@ def _stats(m: Model) -> None:
         print(f"expert predictor {m.options.predictor}: {s['predictions']} predictions, {s['prediction_reuses']} "
               f"reused, {s['preloaded']} experts loaded ahead, {s['insensitive_prompts']} prompts of insensitive "
               "tasks", file=sys.stderr)
+    if m.options.token_lookup:
+        print(f"token lookup: {s['token_lookups']} generated tokens predicted from an earlier occurrence",
+              file=sys.stderr)
     n = s["tokens"]
     if n:
         print(f"per token: {s['misses'] / n:.2f} misses, {s['bytes_moved'] / n / 2**20:.3f} MiB moved, "

@@ -137,6 +137,7 @@ class Transformer:
         x, h, a = s.x[:T], s.h[:T], s.a[:T]
         pos = be.upload(ctx.pos[p0:p0 + T], s.pos[:T])                           # (T,) positions
         be.embed(self.token_embd, ids, s.x_host[:T], x)                          # (T, n_embd)
+        ctx.experts.begin_step(ids)                                              # the sequence's next tokens
         for il, b in enumerate(self.blocks):
             be.rms_norm(x, b.attn_norm, cfg.rms_eps, h)                           # pre-attention norm
             self._attention(b, il, h, pos, p0, ctx, a)                           # (T, n_embd)
@@ -185,6 +186,7 @@ class Transformer:
         x, h, a = s.x[:T], s.h[:T], s.a[:T]
         pos = be.upload(s.pos_host[:T], s.pos[:T])                               # (T,) each row's position
         be.embed(self.token_embd, ids, s.x_host[:T], x)                          # (T, n_embd)
+        ctx.experts.begin_step(None)                                             # several sequences' tokens
         for il, b in enumerate(self.blocks):
             be.rms_norm(x, b.attn_norm, cfg.rms_eps, h)                           # pre-attention norm
             self._attention(b, il, h, pos, 0, ctx, a, segs)                      # (T, n_embd) each over its own

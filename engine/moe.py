@@ -83,6 +83,9 @@ class ExpertStore(Protocol):
 
     def new_sequence(self) -> None: ...
 
+    def begin_step(self, ids: np.ndarray | None) -> None:
+        """A forward pass of one sequence's tokens `ids` (T,) starts (None: of several sequences)."""
+
     def begin_prompt(self, ids: Sequence[int], task: str | None = None, join: bool = False) -> None:
         """A prompt (of a task label, if given) is about to be prefilled: eMoE's moment to load its experts;
         `join`: other sequences are running (a batch), whose prompts' predictions stand beside this one's."""
@@ -117,6 +120,9 @@ class Delegate:
 
     def new_sequence(self) -> None:
         self.inner.new_sequence()
+
+    def begin_step(self, ids: np.ndarray | None) -> None:
+        self.inner.begin_step(ids)
 
     def report(self) -> dict[str, Any]:
         return self.inner.report()

@@ -22,6 +22,7 @@ from .ahead import Ahead, AheadStats
 from .arena import Arena, DiskArena
 from .disk import StagedCold
 from .expert import Expert
+from .lookup import TokenLookup
 from .policies import Key, make_policy
 from .rules import MissCost, MissMode, Placement, Tier, eras_bias, miss_tiers
 from .stats import LayerStats
@@ -86,6 +87,11 @@ class ExpertCache:
         self._expect: np.ndarray | None = None                              # (L, E) their prior selections ...
         self._seen = np.zeros((self.n_layer, self.n_expert))                # ... and the recent selections
         self.miss = options.miss                                            # the mode for this prompt's misses
+        # the sequence's own history predicting its next experts (prompt-lookup's match): evictions by it
+        self.lookup = TokenLookup(self.n_layer, self.n_expert, options.token_lookup) \
+            if options.token_lookup and not self._fits_all else None
+        if self.lookup is not None:                                         # its predictions rank the pass's own
+            self._protect_step = False
 
     @property
     def budget_bytes(self) -> int:
@@ -111,6 +117,8 @@ class ExpertCache:
         return SelectionBias(logit, prob)
 
     def prepare(self, layer: int, routing: Routing) -> Plan:
+        if self.lookup is not None:
+            self.lookup.record(layer, routing.experts)
         if routing.experts.shape[0] == 1:
             return self._prepare_token(layer, routing)
         return self._prepare_batch(layer, routing)
@@ -251,6 +259,10 @@ class ExpertCache:
     def new_sequence(self) -> None:
         self.policy.new_sequence()
 
+    def begin_step(self, ids: np.ndarray | None) -> None:
+        if self.lookup is not None:
+            self.lookup.begin(ids)
+
     def begin_prompt(self, ids: Sequence[int], task: str | None = None, join: bool = False) -> None:
         """eMoE, before the prefill: load the prompt's predicted experts, evicting unpredicted ones first, and weigh
         residents by the prediction while it runs; an insensitive task's misses are served cold (with cold copies).
@@ -313,7 +325,9 @@ class ExpertCache:
         if not self.arena.free:
             if self._step and not preload:
                 pinned = pinned | self._step
-            if self._expect is not None and not preload:
+            if self.lookup is not None:
+                victim = self._furthest(key, pinned, bypass=not preload and not self._disk)
+            elif self._expect is not None and not preload:
                 victim = self._least_expected(key, pinned)
             else:
                 victim = self.policy.victim(self.arena.slot_of, pinned, key[0])
@@ -339,6 +353,21 @@ class ExpertCache:
             score[k] = np.inf
         best = np.unravel_index(int(np.argmin(score)), score.shape)
         if not np.isfinite(score[best]) or expected[key] < score[best]:
+            return None
+        return int(best[0]), int(best[1])
+
+    def _furthest(self, key: Key, pinned: set[Key], bypass: bool = True) -> Key | None:
+        """With token lookup: the unpinned resident predicted to be selected furthest ahead (then: selected least), or
+        None, so that `key` is computed where it lies, when `key` itself comes no sooner (Belady's MIN with bypass;
+        not on the disk tier, where what is not loaded is served cold)."""
+        score = self.lookup.score(key[0])                                    # (L, E) highest: evict first
+        if self._expect is not None:                                         # the prompt's predicted selections
+            score = score - self._expect                                     # count beside the recent ones
+        cand = np.where(self.arena.mask, score, -np.inf)
+        for k in pinned:
+            cand[k] = -np.inf
+        best = np.unravel_index(int(np.argmax(cand)), cand.shape)
+        if not np.isfinite(cand[best]) or bypass and cand[best] <= score[key]:
             return None
         return int(best[0]), int(best[1])
 
@@ -394,7 +423,8 @@ class ExpertCache:
                      stall_s=sum(r.stall_s for r in readers), cold_resident=bool(self.cold) and
                      not isinstance(self.cold, StagedCold))
         a = self.ahead.stats if self.ahead is not None else AheadStats()
-        total.update(predictions=a.predictions, prediction_reuses=a.reuses, insensitive_prompts=a.insensitive)
+        total.update(predictions=a.predictions, prediction_reuses=a.reuses, insensitive_prompts=a.insensitive,
+                     token_lookups=self.lookup.predictions if self.lookup is not None else 0)
         total.update(budget_bytes=self.budget_bytes, slots=self.arena.n_slots, resident=len(self.arena.slot_of),
                      policy_hits=self.policy.hits, policy_misses=self.policy.misses,
                      layers=layers, activations=self.activations.tolist())
@@ -406,6 +436,8 @@ class ExpertCache:
         self._predicted = [None] * self.n_layer
         if self.ahead is not None:
             self.ahead.reset_stats()
+        if self.lookup is not None:
+            self.lookup.predictions = 0
         for r in self._readers():
             r.reset_stats()
 

@@ -43,6 +43,9 @@ class MmapExperts:
     def new_sequence(self) -> None:
         pass
 
+    def begin_step(self, ids: np.ndarray | None) -> None:
+        pass
+
     def begin_prompt(self, ids: Sequence[int], task: str | None = None, join: bool = False) -> None:
         pass
 

@@ -26,5 +26,5 @@ def plain_report() -> dict[str, Any]:
     total: dict[str, Any] = dict.fromkeys(asdict(LayerStats()), 0)
     total.update(prefetch_accuracy=None, layers=[], activations=[], budget_bytes=None, disk_bytes=0, disk_reads=0,
                  stall_s=0.0, cold_resident=False, predictions=0, prediction_reuses=0,
-                 insensitive_prompts=0, hit_rate={"hot": None, "cold": None, "disk": None})
+                 insensitive_prompts=0, token_lookups=0, hit_rate={"hot": None, "cold": None, "disk": None})
     return total
