@@ -86,7 +86,7 @@ class Collector:
 
 
 def _alone(path: Path, prompts: list[str], **kw) -> list[tuple[str, str]]:
-    m = Model(path, **{k: v for k, v in kw.items() if k in ("expert_budget", "seed")})
+    m = Model(path, **{k: v for k, v in kw.items() if k in ("expert_budget", "seed", "token_lookup")})
     out = []
     for i, p in enumerate(prompts):
         text = "".join(m.generate(p, max_tokens=24, temperature=0.0 if i % 2 == 0 else 0.9, seed=i))
@@ -94,7 +94,8 @@ def _alone(path: Path, prompts: list[str], **kw) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("options", [{}, {"expert_budget": "100%"}], ids=["plain", "budget100"])
+@pytest.mark.parametrize("options", [{}, {"expert_budget": "100%"}, {"expert_budget": "30%", "token_lookup": 4}],
+                         ids=["plain", "budget100", "budget30-lookup"])
 def test_engine_outputs_equal_alone(trained_q8: Path, options: dict) -> None:
     """8 requests (greedy and seeded sampling) through 4 slots with a small n_batch (chunked prefill beside
     decode steps, a queue): each output equals the request run alone."""

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hotcold.engine.experts.cache import ExpertCache
 from hotcold.engine.experts.lookup import TokenLookup
@@ -125,3 +127,26 @@ def test_outputs_do_not_change(trained_q8: Path) -> None:
     assert out["look"] == out["plain"]
     s = look.expert_stats()
     assert s["token_lookups"] > 0 and s["misses"] > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.lists(st.lists(st.integers(0, 5), min_size=2, max_size=2, unique=True),
+                                                    min_size=3, max_size=3)), min_size=1, max_size=30),
+       st.integers(0, 8), st.integers(1, 4))
+def test_invariants_under_random_tokens(tokens: list, slots: int, horizon: int) -> None:
+    """Any tokens and routings: the budget holds, every selection is computed (hot misses), hits + misses count
+    every selection, each miss moves one expert's bytes, and only selected experts are resident."""
+    hot = _experts(3, 6, QType.F32)
+    c = ExpertCache(hot, Options.parse(expert_budget=slots * hot[0][0].nbytes, token_lookup=horizon))
+    for token, rows in tokens:
+        c.begin_step(np.array([token]))
+        for layer, ids in enumerate(rows):
+            plan = c.prepare(layer, Routing(np.array([ids]), np.full((1, 2), 0.5, np.float32)))
+            assert set(plan.experts) == set(ids)
+            assert c.arena.used_bytes <= c.budget_bytes
+            assert len(c.arena.slot_of) + len(c.arena.free) == c.arena.n_slots
+    s = c.report()
+    assert s["hits"] + s["misses"] == 6 * len(tokens)
+    assert s["bytes_moved"] == s["misses"] * hot[0][0].nbytes             # a hot miss moves one expert, loaded or not
+    selected = {(layer, e) for _, rows in tokens for layer, ids in enumerate(rows) for e in ids}
+    assert set(c.arena.slot_of) <= selected                              # only what was selected is resident

@@ -90,8 +90,6 @@ class ExpertCache:
         # the sequence's own history predicting its next experts (prompt-lookup's match): evictions by it
         self.lookup = TokenLookup(self.n_layer, self.n_expert, options.token_lookup) \
             if options.token_lookup and not self._fits_all else None
-        if self.lookup is not None:                                         # its predictions rank the pass's own
-            self._protect_step = False
 
     @property
     def budget_bytes(self) -> int:
@@ -323,8 +321,8 @@ class ExpertCache:
         `computing`: the result is computed with at once, so a RAM arena leaves the copy to that computation;
         `preload`: a predicted expert loaded before its prompt (the policy evicts the unpredicted, `pinned`)."""
         if not self.arena.free:
-            if self._step and not preload:
-                pinned = pinned | self._step
+            if self._step and not preload and not (self.lookup is not None and self.lookup.single):
+                pinned = pinned | self._step                                 # (one sequence: its lookup ranks them)
             if self.lookup is not None:
                 victim = self._furthest(key, pinned, bypass=not preload and not self._disk)
             elif self._expect is not None and not preload:

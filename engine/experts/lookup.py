@@ -31,16 +31,19 @@ class TokenLookup:
         self._layers = 0                                        # its layers recorded so far
         self._ahead = np.full((2, n_layer, n_expert), NONE)     # first predicted token (>= 0, >= 1) per expert
         self.predictions = 0                                    # generated tokens that found an earlier occurrence
+        self.single = False                                     # the pass is one sequence's (its history applies)
 
     def begin(self, ids: np.ndarray | None) -> None:
         """A forward pass of one sequence's tokens `ids` (T,) starts; None: of several sequences (no one history)."""
         self._flush()
         self._ahead[:] = NONE
+        self.single = ids is not None
+        if ids is None or len(ids) == 1:                        # a generated token each (a batch: one per sequence)
+            self.count *= self.decay
         if ids is None or len(ids) > self.capacity:
             return
         T, n = len(ids), self._n
         if T == 1:
-            self.count *= self.decay
             p = self._last.get(int(ids[0]))
             if p is not None and p >= n - self.capacity and self._hist is not None:
                 self._predict(p)
