@@ -115,7 +115,7 @@ class Options:
                            parse=_number(int, "prefetch", 0), cli=int, group=RESIDENCY)
     token_lookup: int = option(0, "--token-lookup", help="tokens whose experts the routing history predicts (the "
                                "current token's last occurrence and the tokens after it, as prompt-lookup "
-                               "decoding): evict the resident predicted furthest ahead (0 = off; 4 is plenty)",
+                               "decoding): evict the resident predicted furthest ahead (0 = off; bench/emoe.py uses 4)",
                                parse=_number(int, "token_lookup", 0), cli=int, group=RESIDENCY)
     predictor: Path | None = option(None, "--predictor", help="an expert predictor (moe-predictor train): before "
                                     "each prompt, load the experts it predicts into the arena (eMoE); with a budget, "

@@ -87,7 +87,7 @@ class ExpertCache:
         self._expect: np.ndarray | None = None                              # (L, E) their prior selections ...
         self._seen = np.zeros((self.n_layer, self.n_expert))                # ... and the recent selections
         self.miss = options.miss                                            # the mode for this prompt's misses
-        # the sequence's own history predicting its next experts (prompt-lookup's match): evictions by it
+        # the routing of the tokens run before predicting the next experts (prompt-lookup's match): evictions by it
         self.lookup = TokenLookup(self.n_layer, self.n_expert, options.token_lookup) \
             if options.token_lookup and not self._fits_all else None
 
