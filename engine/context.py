@@ -116,6 +116,7 @@ class RunState:
         self.pos_host = np.zeros(N, np.int64)              # ... as a batch of several sequences builds them
         self.cell0 = np.zeros(N, np.int64)                 # ... and each row's first cache cell (its slot's)
         self.span = np.zeros(N, np.int64)                  # ... and the cells it attends over
+        self.seq = np.zeros(N, np.int64)                   # ... and its sequence
         self.logits = be.empty((logit_rows, cfg.n_vocab))  # the head's output, logit_rows at a time
         self.ffn = FFNScratch(be, N, cfg.n_embd, n_ff)
         self.h_acts = be.new_acts(N, cfg.n_embd)            # h as the input of q/k/v, experts, the head

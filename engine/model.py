@@ -181,12 +181,13 @@ class Transformer:
         for r0, r1, seq, p0 in segs:
             s.pos_host[r0:r1] = ctx.pos[p0:p0 + r1 - r0]
             s.cell0[r0:r1] = seq * ctx.n_ctx
+            s.seq[r0:r1] = seq
             s.span[r0:r1] = ctx.pos[p0:p0 + r1 - r0]
             s.span[r0:r1] += 1                                                    # causal: itself and before
         x, h, a = s.x[:T], s.h[:T], s.a[:T]
         pos = be.upload(s.pos_host[:T], s.pos[:T])                               # (T,) each row's position
         be.embed(self.token_embd, ids, s.x_host[:T], x)                          # (T, n_embd)
-        ctx.experts.begin_step(None)                                             # several sequences' tokens
+        ctx.experts.begin_step(ids, s.seq[:T])                                   # (T,) tokens, their sequences
         for il, b in enumerate(self.blocks):
             be.rms_norm(x, b.attn_norm, cfg.rms_eps, h)                           # pre-attention norm
             self._attention(b, il, h, pos, 0, ctx, a, segs)                      # (T, n_embd) each over its own

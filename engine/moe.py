@@ -83,8 +83,8 @@ class ExpertStore(Protocol):
 
     def new_sequence(self) -> None: ...
 
-    def begin_step(self, ids: np.ndarray | None) -> None:
-        """A forward pass of one sequence's tokens `ids` (T,) starts (None: of several sequences)."""
+    def begin_step(self, ids: np.ndarray, seqs: np.ndarray | None = None) -> None:
+        """A forward pass of tokens `ids` (T,) starts: one sequence's, or row i of sequence seqs[i]."""
 
     def begin_prompt(self, ids: Sequence[int], task: str | None = None, join: bool = False) -> None:
         """A prompt (of a task label, if given) is about to be prefilled: eMoE's moment to load its experts;
@@ -121,8 +121,8 @@ class Delegate:
     def new_sequence(self) -> None:
         self.inner.new_sequence()
 
-    def begin_step(self, ids: np.ndarray | None) -> None:
-        self.inner.begin_step(ids)
+    def begin_step(self, ids: np.ndarray, seqs: np.ndarray | None = None) -> None:
+        self.inner.begin_step(ids, seqs)
 
     def report(self) -> dict[str, Any]:
         return self.inner.report()

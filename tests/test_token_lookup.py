@@ -150,3 +150,19 @@ def test_invariants_under_random_tokens(tokens: list, slots: int, horizon: int) 
     assert s["bytes_moved"] == s["misses"] * hot[0][0].nbytes             # a hot miss moves one expert, loaded or not
     selected = {(layer, e) for _, rows in tokens for layer, ids in enumerate(rows) for e in ids}
     assert set(c.arena.slot_of) <= selected                              # only what was selected is resident
+
+
+def test_in_a_batch_each_sequence_follows_its_own_history() -> None:
+    """Two sequences decode side by side, one row each a pass: sequence 0 runs tokens 1 2, sequence 1 tokens 3 4.
+    When sequence 0 meets token 1 again, what follows it is its own token 2's row, not sequence 1's token 3."""
+    lk = TokenLookup(L, E, horizon=2)
+    steps = [([1, 3], [[[0, 1], [0, 1]], [[2, 3], [2, 3]]]), ([2, 4], [[[1, 2], [1, 2]], [[3, 0], [3, 0]]])]
+    for ids, rows in steps:
+        lk.begin(np.array(ids), np.array([0, 1]))
+        for layer in range(L):
+            lk.record(layer, np.array([rows[0][layer], rows[1][layer]]))
+    lk.begin(np.array([1, 9]), np.array([0, 1]))             # sequence 0 meets 1 again; 9 is new
+    assert lk.predictions == 1
+    assert lk._ahead[0][0, 0] == 0 and lk._ahead[0][0, 1] == 0   # token 1's own row
+    assert lk._ahead[1][0, 2] == 1                               # then its sequence's token 2 (experts 1, 2)
+    assert np.isinf(lk._ahead[1][0, 3])                          # sequence 1's token 3 never followed token 1

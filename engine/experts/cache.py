@@ -256,10 +256,12 @@ class ExpertCache:
 
     def new_sequence(self) -> None:
         self.policy.new_sequence()
-
-    def begin_step(self, ids: np.ndarray | None) -> None:
         if self.lookup is not None:
-            self.lookup.begin(ids)
+            self.lookup.new_sequence()
+
+    def begin_step(self, ids: np.ndarray, seqs: np.ndarray | None = None) -> None:
+        if self.lookup is not None:
+            self.lookup.begin(ids, seqs)
 
     def begin_prompt(self, ids: Sequence[int], task: str | None = None, join: bool = False) -> None:
         """eMoE, before the prefill: load the prompt's predicted experts, evicting unpredicted ones first, and weigh

@@ -43,7 +43,7 @@ class MmapExperts:
     def new_sequence(self) -> None:
         pass
 
-    def begin_step(self, ids: np.ndarray | None) -> None:
+    def begin_step(self, ids: np.ndarray, seqs: np.ndarray | None = None) -> None:
         pass
 
     def begin_prompt(self, ids: Sequence[int], task: str | None = None, join: bool = False) -> None:
