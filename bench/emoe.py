@@ -31,7 +31,8 @@ after '::', code-block directives, doctest lines), `table` (grid, simple and lis
 5. The held-out prompts' expert selections replayed (bench/replay.py) under LRU and two offline bounds: Belady's
    MIN with bypass (the fewest moves any policy can make, knowing the future) and each prompt's own most-selected
    experts held for the whole prompt (a perfect prompt-level prediction without eviction inside the prompt); and
-   an online policy (selections decayed per token, bypass), alone and knowing each token's later layers.
+   an online policy (selections decayed per token, bypass), alone and knowing each token's later layers; and the
+   store's token lookup replayed.
 
 The scheduler's SLO attainment against first-come-first-served in moe-server is bench/emoe_schedule.py.
 
@@ -224,8 +225,8 @@ def main() -> None:
     print(f"\nthe same held-out prompts replayed (bench/replay.py): expert moves per token of LRU against offline "
           f"bounds (hot copies only, so outputs stay the plain engine's)\n")
     print("| budget | slots | LRU | Belady's MIN, bypass (knows the future) | static per prompt (knows its usage) | "
-          "decayed frequency, bypass | the same, knowing the token's later layers |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          "decayed frequency, bypass | the same, knowing the token's later layers | token lookup (the store's) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in args.budgets:
         slots = min(n_experts, int(round(b / 100 * n_experts)))
         r = bounds(held, slots)

@@ -8,8 +8,9 @@ predictor); Belady's MIN with bypass (evict the resident used again furthest ahe
 the missed expert comes back later than all of them: the fewest moves any policy can make, given the future);
 a static set per prompt (its own most-selected experts, known in advance: the best a perfect prompt-level
 prediction with no in-prompt eviction can do); and an online policy, each expert's selections decayed per decode
-token with bypass, alone and knowing the current token's later layers (an exact HOBBIT lookahead). bench/emoe.py
-prints them beside the store's measurements.
+token with bypass, alone and knowing the current token's later layers (an exact HOBBIT lookahead); and the store's
+token lookup (--token-lookup), where the traces hold token ids. bench/emoe.py prints them beside the store's
+measurements.
 """
 from __future__ import annotations
 
@@ -144,13 +145,59 @@ def frequency_moves(steps: list, slots: int, n_layer: int, n_expert: int, decay:
     return _bypass_moves(steps, slots, observe, ahead.__getitem__, lambda k: -count[k])
 
 
+def lookup_moves(tr: Traces, steps: list, slots: int, horizon: int = 4, decay: float = 0.95) -> int:
+    """The store's token lookup (engine/experts/lookup.py) replayed: at each generated token, the rows of its token's
+    last occurrence (any earlier prompt or this one) and of the tokens after it in that prompt, up to `horizon`,
+    give each expert's next selection; a miss evicts the unselected resident selected furthest ahead, then the one
+    selected least (decayed per token), or is computed where it lies if it comes back no sooner than that one."""
+    L, E, tokens = tr.n_layer, tr.n_expert, tr.tokens.tolist()
+    row_of: list[int] = []                                     # each step's token row (-1: a prefill step)
+    for i in range(tr.n_prompts):
+        row_of += [-1] * L + [r for r in range(tr.rows(i, "decode").start, tr.rows(i, "decode").stop) for _ in range(L)]
+    count = np.zeros((L, E))
+    last: dict[int, int] = {}                                  # token -> its latest row whose every layer ran
+    ahead = np.full((2, L, E), np.inf)                         # first predicted token (j >= 0, j >= 1)
+    now = [0]
+
+    def observe(s: int, pre: bool, keys: list) -> None:
+        i, r = steps[s][0], row_of[s]
+        layer = keys[0][0] if keys else 0
+        now[0] = layer
+        if layer == 0 and not pre:
+            count[:] *= decay
+            ahead[:] = np.inf
+            p, end, j = last.get(tokens[r]), tr.offsets, 0
+            while p is not None and j < horizon:
+                for ll in range(L):
+                    for e in tr.experts[p, ll].tolist():
+                        ahead[0, ll, e] = min(ahead[0, ll, e], j)
+                        if j >= 1:
+                            ahead[1, ll, e] = min(ahead[1, ll, e], j)
+                q = p + 1                                     # the same prompt's next row, if it ran already
+                p = q if q < r and q < end[np.searchsorted(end, p, side="right")] else None
+                j += 1
+        for k in keys:
+            count[k] += 1
+        if layer == L - 1:
+            for q in (range(tr.rows(i, "prefill").start, tr.rows(i, "prefill").stop) if pre else (r,)):
+                last[tokens[q]] = q
+
+    def score(k: tuple[int, int]) -> float:
+        j = ahead[0 if k[0] > now[0] else 1, k[0], k[1]]
+        return ((j * L + k[0] - now[0]) * 1e6 if np.isfinite(j) else 1e12) - count[k]
+    return _bypass_moves(steps, slots, observe, lambda s: (), score)
+
+
 def bounds(tr: Traces, slots: int) -> dict[str, float]:
-    """Moves per traced token of LRU, Belady's MIN with bypass, the per-prompt static oracle, and the decayed
-    frequency policy without and with the token's later layers known."""
+    """Moves per traced token of LRU, Belady's MIN with bypass, the per-prompt static oracle, the decayed
+    frequency policy without and with the token's later layers known, and (traces with token ids) the token lookup."""
     steps = accesses(tr)
     n = int(tr.offsets[-1])
-    return {"LRU": lru_moves(steps, slots) / n, "Belady (offline)": belady_moves(steps, slots) / n,
-            "static per prompt (oracle)": static_moves(tr, steps, slots) / n,
-            "decayed frequency, bypass": frequency_moves(steps, slots, tr.n_layer, tr.n_expert) / n,
-            "decayed frequency, bypass, token foresight": frequency_moves(steps, slots, tr.n_layer, tr.n_expert,
-                                                                          foresight=True) / n}
+    out = {"LRU": lru_moves(steps, slots) / n, "Belady (offline)": belady_moves(steps, slots) / n,
+           "static per prompt (oracle)": static_moves(tr, steps, slots) / n,
+           "decayed frequency, bypass": frequency_moves(steps, slots, tr.n_layer, tr.n_expert) / n,
+           "decayed frequency, bypass, token foresight": frequency_moves(steps, slots, tr.n_layer, tr.n_expert,
+                                                                         foresight=True) / n}
+    if tr.tokens is not None:
+        out["token lookup"] = lookup_moves(tr, steps, slots) / n
+    return out

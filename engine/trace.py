@@ -1,6 +1,7 @@
 """Expert traces (eMoE): for every prompt, each MoE layer's selected experts and gate weights, for its prompt
-tokens (prefill) and for the tokens it then generated (decode), plus the prompt's mean token embedding (the
-predictor's input, eMoE-A). Saved as one .npz of flat arrays with offsets, validated on load."""
+tokens (prefill) and for the tokens it then generated (decode), and each of those tokens' ids, plus the prompt's
+mean token embedding (the predictor's input, eMoE-A). Saved as one .npz of flat arrays with offsets, validated on
+load."""
 from __future__ import annotations
 
 import json
@@ -34,6 +35,7 @@ class Traces:
     layers: np.ndarray      # (L,) int64: the model layers the L axis stands for
     n_expert: int
     model: str = ""         # the traced file's name
+    tokens: np.ndarray | None = None  # (N,) int64: each traced row's token id (None: a file written without them)
 
     @property
     def n_prompts(self) -> int:
@@ -72,18 +74,20 @@ class Traces:
         idx = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         lens = np.array([len(r) for r in rows], dtype=np.int64)
         return Traces(self.experts[idx], self.weights[idx], np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
-                      self.n_prompt[keep], self.features[keep], self.tasks[keep], self.layers, self.n_expert, self.model)
+                      self.n_prompt[keep], self.features[keep], self.tasks[keep], self.layers, self.n_expert, self.model,
+                      None if self.tokens is None else self.tokens[idx])
 
     def save(self, path: str | Path) -> Path:
         """Write the traces (an .npz); nothing is left behind if writing fails."""
         path = Path(path)
         tmp = path.with_name(path.name + ".part")
         meta = dict(version=VERSION, n_expert=self.n_expert, model=self.model)
+        extra = {} if self.tokens is None else {"tokens": self.tokens}
         try:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, experts=self.experts, weights=self.weights, offsets=self.offsets,
                                     n_prompt=self.n_prompt, features=self.features, tasks=self.tasks.astype(str),
-                                    layers=self.layers, meta=np.array(json.dumps(meta)))
+                                    layers=self.layers, meta=np.array(json.dumps(meta)), **extra)
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -108,7 +112,8 @@ class Traces:
                              f"({'missing ' + ', '.join(missing) if missing else 'version ' + str(meta.get('version'))})")
         t = cls(a["experts"].astype(np.int16), a["weights"].astype(np.float32), a["offsets"].astype(np.int64),
                 a["n_prompt"].astype(np.int64), a["features"].astype(np.float32), a["tasks"].astype(str),
-                a["layers"].astype(np.int64), int(meta["n_expert"]), str(meta.get("model", "")))
+                a["layers"].astype(np.int64), int(meta["n_expert"]), str(meta.get("model", "")),
+                a["tokens"].astype(np.int64) if "tokens" in a else None)
         t.check(path)
         return t
 
@@ -131,6 +136,8 @@ class Traces:
             bad = f"expert ids must lie in 0..{self.n_expert - 1}"
         elif not np.isfinite(self.features).all() or not np.isfinite(self.weights).all():
             bad = "features and weights must be finite"
+        elif self.tokens is not None and (self.tokens.shape != (len(self.experts),) or np.any(self.tokens < 0)):
+            bad = "tokens needs one id (>= 0) per traced row"
         if bad:
             raise TraceError(f"{where}: {bad}")
 
@@ -147,6 +154,11 @@ class Recorder(Delegate):
     def clear(self) -> None:
         self.experts: list[list[np.ndarray]] = [[] for _ in self.layers]
         self.weights: list[list[np.ndarray]] = [[] for _ in self.layers]
+        self.tokens: list[np.ndarray] = []
+
+    def begin_step(self, ids: np.ndarray, seqs: np.ndarray | None = None) -> None:
+        self.tokens.append(np.array(ids, dtype=np.int64))                   # (T,) the pass's tokens
+        self.inner.begin_step(ids, seqs)
 
     def prepare(self, layer: int, routing: Routing) -> Plan:
         i = self._index[layer]
@@ -154,12 +166,13 @@ class Recorder(Delegate):
         self.weights[i].append(routing.weights.copy())
         return self.inner.prepare(layer, routing)
 
-    def take(self) -> tuple[np.ndarray, np.ndarray]:
-        """(n, L, k) experts and weights recorded since the last take, token order."""
+    def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(n, L, k) experts and weights and (n,) token ids recorded since the last take, token order."""
         ex = np.stack([np.concatenate(e) for e in self.experts], axis=1)
         w = np.stack([np.concatenate(e) for e in self.weights], axis=1)
+        tok = np.concatenate(self.tokens) if self.tokens else np.zeros(0, np.int64)
         self.clear()
-        return ex, w
+        return ex, w, tok
 
 
 def read_prompts(path: str | Path) -> list[dict[str, str]]:
@@ -199,7 +212,7 @@ def trace(model: "Model", prompts: Iterable[str | Mapping[str, str]], max_tokens
         raise TraceError(f"{model.path.name} is a dense model: there are no experts to trace")
     ctx = model.ctx
     rec = Recorder(ctx.experts, layers)
-    experts, weights, lens, n_prompt, feats, tasks = [], [], [], [], [], []
+    experts, weights, tokens, lens, n_prompt, feats, tasks = [], [], [], [], [], [], []
     ctx.experts = rec
     try:
         for p in _items(prompts):
@@ -210,9 +223,10 @@ def trace(model: "Model", prompts: Iterable[str | Mapping[str, str]], max_tokens
                     pass
             else:                                                            # the prompt alone (generate's 0 is
                 model.eval(ids)                                              # "to the end of the context")
-            ex, w = rec.take()
+            ex, w, tok = rec.take()
             experts.append(ex)
             weights.append(w)
+            tokens.append(tok)
             lens.append(len(ex))
             n_prompt.append(len(ids))
             feats.append(model.prompt_features(ids))
@@ -226,7 +240,8 @@ def trace(model: "Model", prompts: Iterable[str | Mapping[str, str]], max_tokens
                   np.concatenate(weights) if weights else np.zeros((0, L, k), np.float32),
                   np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), np.array(n_prompt, dtype=np.int64),
                   np.array(feats, dtype=np.float32).reshape(len(feats), cfg.n_embd), np.array(tasks, dtype=str),
-                  np.array(layers, dtype=np.int64), cfg.n_expert, model.path.name)
+                  np.array(layers, dtype=np.int64), cfg.n_expert, model.path.name,
+                  np.concatenate(tokens) if tokens else np.zeros(0, np.int64))
 
 
 def _items(prompts: Iterable[str | Mapping[str, str]]) -> Iterator[dict[str, str]]:

@@ -68,7 +68,13 @@ def test_traces_round_trip_and_bad_files_are_named(tmp_path: Path) -> None:
     for name in ("experts", "weights", "offsets", "n_prompt", "features", "tasks", "layers"):
         a, b = getattr(t, name), getattr(u, name)
         assert a.dtype == b.dtype and np.array_equal(a, b), name
-    assert (u.n_expert, u.model) == (8, "synthetic.gguf")
+    assert (u.n_expert, u.model, u.tokens) == (8, "synthetic.gguf", None)             # written without token ids
+    from dataclasses import replace
+    with_ids = replace(t, tokens=np.arange(len(t.experts), dtype=np.int64))
+    v = Traces.load(with_ids.save(tmp_path / "ids.npz"))
+    assert v.tokens.dtype == np.int64 and np.array_equal(v.tokens, with_ids.tokens)
+    assert np.array_equal(v.subset([1]).tokens, with_ids.tokens[v.rows(1)])
+    (tmp_path / "ids.npz").unlink()
 
     def fails(p: Path, words: str) -> None:
         with pytest.raises(TraceError, match=words):
@@ -86,6 +92,8 @@ def test_traces_round_trip_and_bad_files_are_named(tmp_path: Path) -> None:
     fails(bad.save(tmp_path / "bad.npz"), "bad.npz: expert ids must lie in 0..7")
     short = Traces(t.experts[:-1], t.weights[:-1], t.offsets, t.n_prompt, t.features, t.tasks, t.layers, 8)
     fails(short.save(tmp_path / "short.npz"), "offsets must rise from 0 to the number of traced tokens")
+    few_ids = replace(t, tokens=np.zeros(len(t.experts) - 1, np.int64))
+    fails(few_ids.save(tmp_path / "ids.npz"), "tokens needs one id")
 
 
 def test_a_predictor_file_with_the_wrong_heads_or_prior_is_named(tmp_path: Path) -> None:
@@ -103,6 +111,21 @@ def test_traces_of_the_prompts_alone(plain: Model) -> None:
     """max_tokens=0 traces the prompt tokens and nothing after (generate's 0 would run to the end of the context)."""
     t = plain.trace([{"prompt": "The array module", "task": "docs"}], max_tokens=0)
     assert int(t.output_tokens().sum()) == 0 and t.experts.shape[0] == int(t.n_prompt[0]) > 0
+    assert t.tokens.tolist() == plain.tokenize("The array module", special=True)       # each row's token
+
+
+def test_traces_record_each_rows_token(plain: Model) -> None:
+    """The prompt's tokens, then the generated ones that were fed back (all but the last): what the greedy
+    generation itself gives."""
+    prompt = "The array module"
+    t = plain.trace([prompt], max_tokens=6)
+    ids = plain.tokenize(prompt, special=True)
+    got: list = []
+    plain.reset()
+    for _ in plain.generate(ids, max_tokens=6, temperature=0.0, _logprobs=(got, 0)):
+        pass
+    fed = ids + [int(tok) for tok, _, _ in got][:-1]
+    assert t.tokens.tolist() == fed and len(t.tokens) == len(t.experts)
 
 
 # --- the predictor ------------------------------------------------------------------------------------------
