@@ -147,8 +147,8 @@ def frequency_moves(steps: list, slots: int, n_layer: int, n_expert: int, decay:
 
 def lookup_moves(tr: Traces, steps: list, slots: int, horizon: int = 4, decay: float = 0.95) -> int:
     """The store's token lookup (engine/experts/lookup.py) replayed: at each generated token, the rows of its token's
-    last occurrence (any earlier prompt or this one) and of the tokens after it in that prompt, up to `horizon`,
-    give each expert's next selection; a miss evicts the unselected resident selected furthest ahead, then the one
+    last occurrence (any earlier prompt or this one) and of the tokens after it in that prompt, up to `horizon` (past
+    the present, round again from that occurrence), give each expert's next selection; a miss evicts the unselected resident selected furthest ahead, then the one
     selected least (decayed per token), or is computed where it lies if it comes back no sooner than that one."""
     L, E, tokens = tr.n_layer, tr.n_expert, tr.tokens.tolist()
     row_of: list[int] = []                                     # each step's token row (-1: a prefill step)
@@ -167,14 +167,15 @@ def lookup_moves(tr: Traces, steps: list, slots: int, horizon: int = 4, decay: f
             count[:] *= decay
             ahead[:] = np.inf
             p, end, j = last.get(tokens[r]), tr.offsets, 0
+            first = p
             while p is not None and j < horizon:
                 for ll in range(L):
                     for e in tr.experts[p, ll].tolist():
                         ahead[0, ll, e] = min(ahead[0, ll, e], j)
                         if j >= 1:
                             ahead[1, ll, e] = min(ahead[1, ll, e], j)
-                q = p + 1                                     # the same prompt's next row, if it ran already
-                p = q if q < r and q < end[np.searchsorted(end, p, side="right")] else None
+                q = p + 1                                     # the prompt's next row if it ran, past the present round again
+                p = q if q < r and q < end[np.searchsorted(end, p, side="right")] else first if q == r else None
                 j += 1
         for k in keys:
             count[k] += 1

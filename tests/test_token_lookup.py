@@ -166,3 +166,19 @@ def test_in_a_batch_each_sequence_follows_its_own_history() -> None:
     assert lk._ahead[0][0, 0] == 0 and lk._ahead[0][0, 1] == 0   # token 1's own row
     assert lk._ahead[1][0, 2] == 1                               # then its sequence's token 2 (experts 1, 2)
     assert np.isinf(lk._ahead[1][0, 3])                          # sequence 1's token 3 never followed token 1
+
+
+def test_a_loop_predicts_itself_past_the_present() -> None:
+    """Greedy decoding that repeats itself (7 8 7 8 ...): from 7's last occurrence the walk reaches the present (8,
+    the last token so far) and starts again at 7, so the tokens after the current one are predicted too."""
+    lk = TokenLookup(L, E, horizon=4)
+    for t in (7, 8, 7, 8):
+        _run(lk, t, [[0, 1], [0, 1]] if t == 7 else [[2, 3], [2, 3]])
+    lk.begin(np.array([7]))
+    assert lk._walk(2, 3) == [2, 3, 2, 3]                     # 7's last row, 8's, then round again
+    assert lk._ahead[1][0, 2] == 1 and lk._ahead[1][0, 0] == 2   # next token 8, then 7 again
+    lk2 = TokenLookup(L, E, horizon=3)
+    for _ in range(3):
+        _run(lk2, 5, [[1, 2], [1, 2]])
+    lk2.begin(np.array([5]))
+    assert lk2._ahead[1][0, 1] == 1                          # one token repeated: it is needed next token too

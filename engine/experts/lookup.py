@@ -55,11 +55,12 @@ class TokenLookup:
         tokens = ids.tolist()
         rows = [0] * T if seqs is None else seqs.tolist()
         per_seq = Counter(rows)
-        decoding = [t for t, s in zip(tokens, rows) if per_seq[s] == 1]
+        decoding = [(t, s) for t, s in zip(tokens, rows) if per_seq[s] == 1]
         if decoding:
             self.count *= self.decay
         if self._hist is not None:
-            walks = [self._walk(p) for p in (self._last.get(t) for t in decoding) if p is not None]
+            walks = [self._walk(p, self._tail.get(s, -1)) for p, s in ((self._last.get(t), s) for t, s in decoding)
+                     if p is not None]
             self._predict([w for w in walks if w])
         self._pending = list(zip(tokens, rows))
         self._step, self._layers = T, 0
@@ -88,13 +89,15 @@ class TokenLookup:
         steps = first * self.n_layer + ll - layer
         return np.where(np.isfinite(steps), steps * 1e6, 1e12) - self.count
 
-    def _walk(self, p: int) -> list[int]:
+    def _walk(self, p: int, tail: int) -> list[int]:
         """Position p (a current token's last occurrence) and its sequence's next ones, those recorded, up to the
-        horizon."""
+        horizon; past `tail` (the current token's sequence's last position) they start again at p: the text from p
+        to here repeats, as a loop of greedy decoding does."""
         out: list[int] = []
+        first = p
         while len(out) < self.horizon and p >= 0 and self._n - self.capacity <= p < self._n:
             out.append(p)
-            p = int(self._next[p % self.capacity])
+            p = first if p == tail else int(self._next[p % self.capacity])
         return out
 
     def _predict(self, walks: list[list[int]]) -> None:
