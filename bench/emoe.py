@@ -21,9 +21,8 @@ after '::', code-block directives, doctest lines), `table` (grid, simple and lis
    predictor at p = 40; the predictor at p = 40 with HOBBIT's mixed-precision misses (the cold Q4_K copy computes
    a miss ranked below a gate weight share of 0.8, none skipped); token lookup (--token-lookup tokens predicted from
    the routing of the current token's last occurrence and what followed it, engine/experts/lookup.py), alone and
-   with the predictor at p = 40. For each: arena MiB, misses and expert MiB moved
-   per token (prefill and decode tokens;
-   the predictor's loads count; a cold miss moves its cold copy's bytes), perplexity of the held-out text
+   with the predictor at p = 40. For each: arena MiB, misses and expert MiB moved per token (prefill and decode
+   tokens; the predictor's loads count; a cold miss moves its cold copy's bytes), perplexity of the held-out text
    (--ppl-chunks chunks of 256 tokens), and output similarity: the share of the plain engine's greedy tokens the
    configuration reproduces position by position. With hot misses every expert is computed at full precision, so
    outputs and perplexity equal the plain engine's; what prediction changes is how many bytes move.

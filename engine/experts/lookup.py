@@ -53,9 +53,13 @@ class TokenLookup:
         if T > self.capacity:
             return
         tokens = ids.tolist()
-        rows = [0] * T if seqs is None else seqs.tolist()
-        per_seq = Counter(rows)
-        decoding = [(t, s) for t, s in zip(tokens, rows) if per_seq[s] == 1]
+        if seqs is None:                                        # one sequence: generating if it feeds one token
+            rows = [0] * T
+            decoding = [(tokens[0], 0)] if T == 1 else []
+        else:
+            rows = seqs.tolist()
+            per_seq = Counter(rows)
+            decoding = [(t, s) for t, s in zip(tokens, rows) if per_seq[s] == 1]
         if decoding:
             self.count *= self.decay
         if self._hist is not None:
