@@ -54,7 +54,7 @@ def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool, store: 
     if store:
         mine.append((kernels.copy_expert, (_a(_U8, 1), *[_a(_U8, 2, True)] * 3)))    # arena loads
     quantizers = {QType.Q8_0: (int8.quantize_q8_0, (f2, _a(_I8, 2), f2, _a(_I32, 2))),
-                  QType.Q8_K: (int8.quantize_q8_k, (f2, _a(_I8, 2), f2, _a(_I32, 2), f2))}
+                  QType.Q8_K: (int8.quantize_q8_k, (f2, _a(_I8, 2), _a(_I8, 2), f2, _a(_I32, 2), f2))}
     theirs: list[tuple[Any, tuple]] = []
     for t in dict.fromkeys(weight_types):
         if t in int8.KERNELS:

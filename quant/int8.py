@@ -44,6 +44,7 @@ class Acts:
         self.q8k_d = np.zeros((n_rows, max(n // 256, 1)), np.float32)
         self.q8k_b16 = np.zeros((n_rows, max(n // 16, 1)), np.int32)
         self.q8k_m = np.zeros((n_rows, max(n // 32, 1)), np.float32)   # d * sums per 32: Q4_K/Q5_K's mins multiply
+        self.q8kt = np.zeros((n_rows, n), np.int8)                       # q8k in simd.Q8K_ORDER: Q4_K/Q5_K's
         self.q80 = np.zeros((n_rows, n), np.int8)
         self.q80_d = np.zeros((n_rows, max(n // 32, 1)), np.float32)
         self.q80_s = np.zeros((n_rows, max(n // 32, 1)), np.int32)
@@ -63,7 +64,7 @@ class Acts:
     def need(self, fmt: QType) -> None:
         if fmt == QType.Q8_K and not self.have_q8k:
             r = self.rows
-            quantize_q8_k(self.x, self.q8k[:r], self.q8k_d[:r], self.q8k_b16[:r], self.q8k_m[:r])
+            quantize_q8_k(self.x, self.q8k[:r], self.q8kt[:r], self.q8k_d[:r], self.q8k_b16[:r], self.q8k_m[:r])
             self.have_q8k = True
         elif fmt == QType.Q8_0 and not self.have_q80:
             r = self.rows
@@ -76,8 +77,10 @@ class Acts:
         if ops is None:
             fmt, r = KERNELS[qtype][0], self.rows
             self.need(fmt)
-            if fmt == QType.Q8_K:
-                ops = self.q8k[:r], self.q8k_d[:r], self.q8k_b16[:r] if qtype in (QType.Q6_K, QType.Q2_K) else self.q8k_m[:r]
+            if fmt == QType.Q8_K and qtype in (QType.Q4_K, QType.Q5_K):
+                ops = self.q8kt[:r], self.q8k_d[:r], self.q8k_m[:r]
+            elif fmt == QType.Q8_K:
+                ops = self.q8k[:r], self.q8k_d[:r], self.q8k_b16[:r]
             else:
                 ops = self.q80[:r], self.q80_d[:r], self.q80_s[:r]
             self._forms[qtype] = ops
@@ -86,14 +89,18 @@ class Acts:
 
 # ---- activation quantizers ----
 
+_ORDER4 = np.array(simd.Q8K_ORDER[::4], dtype=np.int64) // 4   # Q8K_ORDER moves whole 4-byte groups
+
+
 @njit(cache=True)
-def quantize_q8_k(x: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, m: np.ndarray) -> None:
+def quantize_q8_k(x: np.ndarray, q: np.ndarray, qt: np.ndarray, d: np.ndarray, b16: np.ndarray, m: np.ndarray) -> None:
     """Rows of x (T, n) to Q8_K as quantize_row_q8_K: per 256 block iscale = -127 / (the value of largest
     magnitude, the first on ties), q = min(127, nearest_int(iscale * x)), d = 1 / iscale; plus sums per 16 quants,
     and d times the sums per 32 in float32 (m: the Q4_K and Q5_K blocks' mins term is then one FMA a row,
-    quant/simd.py). Each step is a loop of its own, so that LLVM vectorises it (the magnitudes compared as the
+    quant/simd.py); qt: q in simd.Q8K_ORDER within each block (the Q4_K and Q5_K blocks' order). Each step is a loop of its own, so that LLVM vectorises it (the magnitudes compared as the
     integers of their bits, whose order is theirs)."""
     xi = x.view(np.int32)
+    q4, qt4 = q.view(np.int32), qt.view(np.int32)
     for t in range(x.shape[0]):
         for k in range(x.shape[1] // 256):
             s = k * 256
@@ -112,6 +119,8 @@ def quantize_q8_k(x: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, 
                     b16[t, k * 16 + j] = 0
                 for j in range(8):
                     m[t, k * 8 + j] = 0
+                for j in range(256):
+                    qt[t, s + j] = 0
                 d[t, k] = 0
                 continue
             iscale = F32(F32(-127.0) / vmax)
@@ -125,6 +134,8 @@ def quantize_q8_k(x: np.ndarray, q: np.ndarray, d: np.ndarray, b16: np.ndarray, 
             d[t, k] = F32(1.0) / iscale
             for j in range(8):
                 m[t, k * 8 + j] = d[t, k] * F32(b16[t, k * 16 + 2 * j] + b16[t, k * 16 + 2 * j + 1])
+            for j in range(64):
+                qt4[t, k * 64 + j] = q4[t, k * 64 + _ORDER4[j]]
 
 
 @njit(cache=True)

@@ -180,13 +180,52 @@ def _dot_groups(builder: ir.IRBuilder, ntok: int, quants: list, data: Any, off: 
     return _sum(builder, chains)
 
 
-def _make_q4_k_block(ntok: int, five: bool = False, pairs: bool = VNNI) -> Any:
-    """Q4_K (or Q5_K, five=True) blocks against Q8_K activations: scales, mins and quants decoded once into
-    registers, then dotted with each of ntok activation rows (in pairs of sub-blocks where VNNI has vpdpbusd).
-    The sums the mins multiply come as float32, d times each 32 quants' sum (int8.quantize_q8_k's m), so that a
-    row's mins term is one FMA with the block's -dmin * mins, where an integer product converted and scaled per
-    row (ggml's way) takes seven operations."""
+# Q4_K and Q5_K blocks read their activations in this order (int8.Acts makes it once per input, `q8kt`): vector j
+# (activation bytes 32j..32j+31) lane l (4 bytes) pairs with the weights of sub-block 2(l % 4) + j // 4, positions
+# 4m..4m+3 where m = j % 4 + 4 (l // 4). Then each int32 lane of a vpdpbusd sums one sub-block's products (Q4_KT).
+Q8K_ORDER = [32 * (2 * (l % 4) + j // 4) + 4 * (j % 4 + 4 * (l // 4)) + b for j in range(8) for l in range(8)
+             for b in range(4)]
+
+
+def _sv(builder: ir.IRBuilder, a: Any, b: Any, mask: list[int]) -> Any:
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(mask)), mask))
+
+
+def _k4_transposed(builder: ir.IRBuilder, wd: Any, wo: Any, qs0: int, five: bool) -> list:
+    """A Q4_K (Q5_K: five) block's 256 quants as eight vectors of 32 bytes in Q8K_ORDER: the four 32-byte chunks
+    of qs transposed as a 4 x 8 matrix of dwords (unpack 32 then 64: lanes k and k + 4 of U[m] are chunk k's dwords
+    m and m + 4), then the low nibbles (even sub-blocks) and the high ones (odd)."""
+    C = [_load_at(builder, wd, _plus(builder, wo, qs0 + 32 * c), _D8) for c in range(4)]
+    lo32, hi32 = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+    lo64, hi64 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    a, b = _sv(builder, C[0], C[1], lo32), _sv(builder, C[0], C[1], hi32)
+    c, d = _sv(builder, C[2], C[3], lo32), _sv(builder, C[2], C[3], hi32)
+    U = [builder.bitcast(_sv(builder, x, y, m), _B32) for x, y, m in ((a, c, lo64), (a, c, hi64), (b, d, lo64), (b, d, hi64))]
+    m15 = ir.Constant(_B32, [15] * 32)
+    even = [builder.and_(u, m15) for u in U]
+    odd = [builder.and_(builder.lshr(u, ir.Constant(_B32, [4] * 32)), m15) for u in U]
+    if five:                                 # bit s of qh[p] is the fifth bit of sub-block s, position p
+        qh = _load_at(builder, wd, _plus(builder, wo, 16), _D8)
+        one = ir.Constant(_B32, [1] * 32)
+        for m in range(4):
+            h = _sv(builder, qh, qh, [m] * 4 + [m + 4] * 4)            # the positions of U[m]'s lanes
+            for t, first in ((even, 0), (odd, 1)):
+                shift = ir.Constant(_D8, [first + 2 * k for k in range(4)] * 2)
+                bit = builder.and_(builder.bitcast(builder.lshr(h, shift), _B32), one)
+                t[m] = builder.or_(t[m], builder.shl(bit, ir.Constant(_B32, [4] * 32)))
+    return even + odd
+
+
+def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
+    """Q4_K (or Q5_K, five=True) blocks against Q8_K activations in Q8K_ORDER: scales, mins and quants decoded once
+    into registers, transposed so that each int32 lane of a vpdpbusd accumulates one sub-block, then dotted with
+    each of ntok activation rows. Per row that leaves eight vpdpbusd, one pack of the sixteen sub-block sums to
+    int16 (|sum| <= 16 * 15 * 127, or 8 * 31 * 127 for Q5_K, whose four vectors a side pack in two halves) and
+    one scaled madd, where sub-blocks in whole vectors take four packs and four madds a row (bench/int8_rows.py:
+    1.1-1.2x on 2-8 rows). The sums the mins multiply come as float32, d times each 32 quants' sum
+    (int8.quantize_q8_k's m), so that a row's mins term is one FMA with the block's -dmin * mins."""
     qs0 = 48 if five else 16                                          # Q5_K: qh[32] sits before qs
+    halves = 2 if five else 1
 
     @intrinsic
     def q4_k_block(typingctx: Any, accf: Any, fo: Any, w: Any, wo: Any, q: Any, qo: Any, qs: Any, m: Any, bo: Any,
@@ -199,23 +238,26 @@ def _make_q4_k_block(ntok: int, five: bool = False, pairs: bool = VNNI) -> Any:
             words = [_load_at(builder, wd, _plus(builder, wo_v, 4 + 4 * i), _I32) for i in range(3)]
             sc, mn = _k4_scale_words(builder, *words)
             sc16 = builder.zext(builder.bitcast(sc, ir.VectorType(_I8, 8)), ir.VectorType(_I16, 8))
-            scales = _scales(builder, sc16, [[j] * 16 for j in range(8)], pairs)   # sub-block j: scale j
+            scales = builder.shuffle_vector(sc16, ir.Constant(ir.VectorType(_I16, 8), ir.Undefined),   # _pack's lanes
+                                            ir.Constant(ir.VectorType(_I32, 16), [0, 2, 4, 6, 1, 3, 5, 7] * 2))
             mins = builder.zext(builder.bitcast(mn, ir.VectorType(_I8, 8)), _D8)
             dw, dminw = _f16_pair(builder, wd, wo_v)
             mscaled = builder.fmul(builder.uitofp(mins, _F8), _splat(builder, _F8, builder.fneg(dminw)))   # -dmin * mins
-            m15 = ir.Constant(_B32, [15] * 32)
-            qh = _load_at(builder, wd, _plus(builder, wo_v, 16), _B32) if five else None
-            nib = []
-            for c in range(4):                                       # 32 bytes: sub-blocks 2c (low) and 2c+1
-                wv = _load_at(builder, wd, _plus(builder, wo_v, qs0 + 32 * c), _B32)
-                pair = [builder.and_(wv, m15), builder.and_(builder.lshr(wv, ir.Constant(_B32, [4] * 32)), m15)]
-                if five:                                             # bit s of qh[l] is sub-block s's fifth bit
-                    for h in range(2):
-                        bit = builder.and_(builder.lshr(qh, ir.Constant(_B32, [2 * c + h] * 32)), ir.Constant(_B32, [1] * 32))
-                        pair[h] = builder.or_(pair[h], builder.shl(bit, ir.Constant(_B32, [4] * 32)))
-                nib += pair
-            for t in range(ntok):                                    # each activation row reuses nib and scales
-                total = _dot_groups(builder, ntok, nib, qd, _row(builder, qo_v, qs_v, t), scales, pairs)
+            quants = _k4_transposed(builder, wd, wo_v, qs0, five)
+            zero = ir.Constant(_D8, [0] * 8)
+            per = 4 // halves                                        # vectors a side per pack
+            for t in range(ntok):                                    # each activation row reuses quants and scales
+                qt = _row(builder, qo_v, qs_v, t)
+                x = [_load_at(builder, qd, _plus(builder, qt, 32 * j), _B32) for j in range(8)]
+                total = zero
+                for h in range(halves):
+                    sides = []
+                    for side in range(2):                            # even sub-blocks, then odd
+                        acc = zero
+                        for j in range(4 * side + per * h, 4 * side + per * (h + 1)):
+                            acc = _dot_u8s8(builder, acc, quants[j], x[j])
+                        sides.append(acc)
+                    total = _madd_acc(builder, total, _pack(builder, sides[0], sides[1]), scales)
                 bt = _row(builder, bo_v, bs_v, t)
                 dx = _load_at(builder, dd, _row(builder, do_v, ds_v, t), _F32, 4)
                 pf = builder.bitcast(builder.gep(fa, [builder.add(fo_v, ir.Constant(fo_v.type, 8 * t))]), _F8.as_pointer())
@@ -231,8 +273,8 @@ def _make_q4_k_block(ntok: int, five: bool = False, pairs: bool = VNNI) -> Any:
 
 
 # q4_k_block<t>: accf[fo + 8i : +8] += one Q4_K block (bytes wo..) . the Q8_K block of activation row i < t
-# (q at qo + i*qs, m, d times the sums per 32, at bo + i*bs, d at do + i*ds). A few-row product (a decode batch)
-# decodes each weight block once for all its rows; each row's arithmetic is the one-row block's, so its result
+# (quants in Q8K_ORDER at qo + i*qs, m, d times the sums per 32, at bo + i*bs, d at do + i*ds). A few-row product
+# (a decode batch) decodes each weight block once for all its rows; each row's arithmetic is the one-row block's, so its result
 # does not depend on the rows beside it.
 q4_k_block1, q4_k_block2, q4_k_block3, q4_k_block4, q4_k_block5, q4_k_block6, q4_k_block7, q4_k_block8 = (
     _make_q4_k_block(t) for t in range(1, ROWS + 1))

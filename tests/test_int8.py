@@ -63,6 +63,32 @@ def test_fused_swiglu_equals_two_products_then_silu(t: QType, rows: int, blocks:
     int8.swiglu_product(wg, wu, t, a, fused, np.full((1, rows), np.nan, np.float32))
     assert np.array_equal(fused.view(np.uint32), g.view(np.uint32))
 
+@pytest.mark.parametrize("t", [QType.Q4_K, QType.Q5_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("sign", [1, -1])
+def test_largest_quants_and_activations_do_not_saturate(t: QType, sign: int) -> None:
+    """Every quant, scale and min at its largest (15 or 31, 63) against activations at +-127: the sub-block sums the
+    Q4_K / Q5_K blocks pack to int16 (quant/simd.py) are at their bound, and every row count still gives the
+    exact product."""
+    n, rows = 512, 8
+    ts = 144 if t == QType.Q4_K else 176
+    raw = np.full((rows, n // 256 * ts), 0xFF, np.uint8)
+    blocks = raw.reshape(rows, -1, ts)
+    blocks[:, :, 0:2] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)        # d
+    blocks[:, :, 2:4] = np.frombuffer(np.float16(0.25).tobytes(), np.uint8)       # dmin
+    wd = dequantize(raw, t).astype(np.float64)
+    assert np.all(wd == 0.5 * 63 * (15 if t == QType.Q4_K else 31) - 0.25 * 63)
+    x = np.full((12, n), sign, np.float32)
+    x[:, ::256] = -sign                                 # the block's first, its largest: the others quantize to +-127
+    for T in (1, 2, 3, 4, 5, 8, 9, 12):
+        a = int8.Acts(T, n).bind(x[:T].copy())
+        out = np.full((T, rows), np.nan, np.float32)
+        int8.product(raw, t, a, out)
+        xd = _dequant_acts(a, QType.Q8_K)
+        assert np.abs(a.q8k[:T]).min() == 127
+        ref = xd @ wd.T
+        assert np.allclose(out, ref, rtol=1e-6, atol=0), T
+
+
 def test_zero_blocks_quantize_to_zero() -> None:
     x = np.zeros((2, 512), np.float32)
     x[1, 300] = 3.0
