@@ -11,7 +11,9 @@ pass per step for all N), llama.cpp through llama-cpp-python's low-level API (on
 ids per step, llama_decode, argmax of each sequence's logits: llama.cpp's batched example). Decode tokens/s
 is N x (decode - 1) tokens over the time from the step in which the last sequence got its first token to
 the end. The engines alternate, --reps times; medians. hotcold also runs with a 25% expert budget (LRU, hot
-misses) and reports the expert bytes moved per generated token.
+misses) and reports the expert bytes moved per generated token. "experts / layer": the distinct experts a decode
+step computes in a layer (counted after the timing, on 16 more tokens): how many experts' weights N sequences
+share, which sets the memory-bound ceiling of "x 1 stream" (8 random tokens of top-2 of 8 would touch 7.2).
 
     python bench/server.py [--streams 1 2 4 8] [--gb 1.0] [--decode 64] [--reps 3] [--rounds 3] [--threads 2]
                            [--models trained generated] [--work DIR]
@@ -75,7 +77,22 @@ for r in range(rounds):                             # the counts alternate, so d
         t_first, t_end = run(eng, prompts(n), n_decode)
         gen = eng.counters["completion_tokens"] - c0["completion_tokens"]
         out[n].append([n * (n_decode - 1) / (t_end - t_first), m.expert_stats()["bytes_moved"] / max(gen, 1)])
-print("RESULT", json.dumps(out))
+from hotcold.engine import moe                      # after the timing: the distinct experts a decode step computes
+seen = []
+groups = moe.Plan.groups
+def counted(self, routing):
+    gs = list(groups(self, routing))
+    seen.append((routing.experts.shape[0], len(gs)))
+    return iter(gs)
+moe.Plan.groups = counted
+experts = {}
+for n, (m, eng) in engines.items():
+    seen.clear()
+    run(eng, prompts(n), min(n_decode, 16))
+    per = [g for t, g in seen if t == n]               # decode steps (every sequence one row), per layer
+    experts[n] = sum(per) / max(len(per), 1)
+moe.Plan.groups = groups
+print("RESULT", json.dumps({"tps": out, "experts": experts}))
 """
 
 _LLAMA = r"""
@@ -149,13 +166,14 @@ def main() -> None:
     print(f"\naggregate decode tokens/s of N greedy sequences ({args.prompt}-token prompts, {args.decode} tokens "
           f"each), {args.threads} threads; hotcold: medians of {args.reps} processes x {args.rounds} rounds alternating "
           f"the stream counts; llama.cpp: medians of {args.reps} runs, alternating with hotcold's processes\n")
-    print("| model | N | hotcold | x 1 stream | llama.cpp | x 1 stream | ratio | hotcold 25% budget | "
+    print("| model | N | experts / layer | hotcold | x 1 stream | llama.cpp | x 1 stream | ratio | hotcold 25% budget | "
           "25%: MiB moved / token |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     streams = ",".join(str(n) for n in args.streams)
     for name, path in files.items():
         hot: dict[str, dict[int, list]] = {"plain": {n: [] for n in args.streams}, "25%": {n: [] for n in args.streams}}
         llama: dict[int, list] = {n: [] for n in args.streams}
+        experts: dict[int, list] = {n: [] for n in args.streams}
         for rep in range(args.reps):
             for e in (["plain", "llama.cpp", "25%"] if rep % 2 == 0 else ["25%", "llama.cpp", "plain"]):
                 if e == "llama.cpp":
@@ -166,13 +184,15 @@ def main() -> None:
                 got = json.loads(_run(_HOTCOLD, str(path), streams, str(args.prompt), str(args.decode),
                                       str(args.threads), e, str(args.rounds)))
                 for n in args.streams:
-                    hot[e][n] += got[str(n)]
+                    hot[e][n] += got["tps"][str(n)]
+                    if e == "plain":
+                        experts[n].append(got["experts"][str(n)])
         tps = {e: {n: median([r[0] for r in rs]) for n, rs in d.items()} for e, d in hot.items()}
         ll = {n: median(v) for n, v in llama.items()}
         one = args.streams[0]
         for n in args.streams:
             moved = median([r[1] for r in hot["25%"][n]]) / 2**20
-            print(f"| {name} | {n} | {tps['plain'][n]:.1f} | {tps['plain'][n] / tps['plain'][one]:.2f}x | "
+            print(f"| {name} | {n} | {median(experts[n]):.1f} | {tps['plain'][n]:.1f} | {tps['plain'][n] / tps['plain'][one]:.2f}x | "
                   f"{ll[n]:.1f} | {ll[n] / ll[one]:.2f}x | {tps['plain'][n] / ll[n]:.2f}x | {tps['25%'][n]:.1f} | "
                   f"{moved:.2f} |", flush=True)
 
