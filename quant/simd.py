@@ -182,7 +182,7 @@ def _dot_groups(builder: ir.IRBuilder, ntok: int, quants: list, data: Any, off: 
 
 # Q4_K and Q5_K blocks read their activations in this order (int8.Acts makes it once per input, `q8kt`): vector j
 # (activation bytes 32j..32j+31) lane l (4 bytes) pairs with the weights of sub-block 2(l % 4) + j // 4, positions
-# 4m..4m+3 where m = j % 4 + 4 (l // 4). Then each int32 lane of a vpdpbusd sums one sub-block's products (Q4_KT).
+# 4m..4m+3 where m = j % 4 + 4 (l // 4). Then each int32 lane of a vpdpbusd sums one sub-block's products.
 Q8K_ORDER = [32 * (2 * (l % 4) + j // 4) + 4 * (j % 4 + 4 * (l // 4)) + b for j in range(8) for l in range(8)
              for b in range(4)]
 
@@ -200,7 +200,8 @@ def _k4_transposed(builder: ir.IRBuilder, wd: Any, wo: Any, qs0: int, five: bool
     lo64, hi64 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
     a, b = _sv(builder, C[0], C[1], lo32), _sv(builder, C[0], C[1], hi32)
     c, d = _sv(builder, C[2], C[3], lo32), _sv(builder, C[2], C[3], hi32)
-    U = [builder.bitcast(_sv(builder, x, y, m), _B32) for x, y, m in ((a, c, lo64), (a, c, hi64), (b, d, lo64), (b, d, hi64))]
+    U = [builder.bitcast(_sv(builder, x, y, m), _B32)
+         for x, y, m in ((a, c, lo64), (a, c, hi64), (b, d, lo64), (b, d, hi64))]
     m15 = ir.Constant(_B32, [15] * 32)
     even = [builder.and_(u, m15) for u in U]
     odd = [builder.and_(builder.lshr(u, ir.Constant(_B32, [4] * 32)), m15) for u in U]
@@ -221,9 +222,9 @@ def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
     into registers, transposed so that each int32 lane of a vpdpbusd accumulates one sub-block, then dotted with
     each of ntok activation rows. Per row that leaves eight vpdpbusd, one pack of the sixteen sub-block sums to
     int16 (|sum| <= 16 * 15 * 127, or 8 * 31 * 127 for Q5_K, whose four vectors a side pack in two halves) and
-    one scaled madd, where sub-blocks in whole vectors take four packs and four madds a row (bench/int8_rows.py:
-    1.1-1.2x on 2-8 rows). The sums the mins multiply come as float32, d times each 32 quants' sum
-    (int8.quantize_q8_k's m), so that a row's mins term is one FMA with the block's -dmin * mins."""
+    one scaled madd, where a sub-block per vector takes four packs and four madds a row (against that block: 1.1-1.2x
+    at 3-8 rows, 1.13x on a 256-token prompt). The sums the mins multiply come as float32, d times each 32 quants'
+    sum (int8.quantize_q8_k's m), so that a row's mins term is one FMA with the block's -dmin * mins."""
     qs0 = 48 if five else 16                                          # Q5_K: qh[32] sits before qs
     halves = 2 if five else 1
 
@@ -274,8 +275,8 @@ def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
 
 # q4_k_block<t>: accf[fo + 8i : +8] += one Q4_K block (bytes wo..) . the Q8_K block of activation row i < t
 # (quants in Q8K_ORDER at qo + i*qs, m, d times the sums per 32, at bo + i*bs, d at do + i*ds). A few-row product
-# (a decode batch) decodes each weight block once for all its rows; each row's arithmetic is the one-row block's, so its result
-# does not depend on the rows beside it.
+# (a decode batch) decodes each weight block once for all its rows; each row's arithmetic is the one-row block's,
+# so its result does not depend on the rows beside it.
 q4_k_block1, q4_k_block2, q4_k_block3, q4_k_block4, q4_k_block5, q4_k_block6, q4_k_block7, q4_k_block8 = (
     _make_q4_k_block(t) for t in range(1, ROWS + 1))
 q5_k_block1, q5_k_block2, q5_k_block3, q5_k_block4, q5_k_block5, q5_k_block6, q5_k_block7, q5_k_block8 = (
