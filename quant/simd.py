@@ -222,9 +222,9 @@ def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
     into registers, transposed so that each int32 lane of a vpdpbusd accumulates one sub-block, then dotted with
     each of ntok activation rows. Per row that leaves eight vpdpbusd, one pack of the sixteen sub-block sums to
     int16 (|sum| <= 16 * 15 * 127, or 8 * 31 * 127 for Q5_K, whose four vectors a side pack in two halves) and
-    one scaled madd, where a sub-block per vector takes four packs and four madds a row (against that block: 1.1-1.2x
-    at 3-8 rows, 1.13x on a 256-token prompt). The sums the mins multiply come as float32, d times each 32 quants'
-    sum (int8.quantize_q8_k's m), so that a row's mins term is one FMA with the block's -dmin * mins."""
+    one scaled madd, where a sub-block per vector takes four packs and four madds a row (bench/int8_rows.py gives
+    the rates). The sums the mins multiply come as float32, d times each 32 quants' sum (int8.quantize_q8_k's m), so
+    that a row's mins term is one FMA with the block's -dmin * mins."""
     qs0 = 48 if five else 16                                          # Q5_K: qh[32] sits before qs
     halves = 2 if five else 1
 
