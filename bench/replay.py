@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from hotcold.engine.experts.lookup import TokenLookup
 from hotcold.engine.trace import Traces
 
 NEVER = 1 << 62
@@ -145,48 +146,27 @@ def frequency_moves(steps: list, slots: int, n_layer: int, n_expert: int, decay:
     return _bypass_moves(steps, slots, observe, ahead.__getitem__, lambda k: -count[k])
 
 
-def lookup_moves(tr: Traces, steps: list, slots: int, horizon: int = 4, decay: float = 0.95) -> int:
-    """The store's token lookup (engine/experts/lookup.py) replayed: at each generated token, the rows of its token's
-    last occurrence (any earlier prompt or this one) and of the tokens after it in that prompt, up to `horizon` (past
-    the present, round again from that occurrence), give each expert's next selection; a miss evicts the unselected resident selected furthest ahead, then the one
-    selected least (decayed per token), or is computed where it lies if it comes back no sooner than that one."""
-    L, E, tokens = tr.n_layer, tr.n_expert, tr.tokens.tolist()
-    row_of: list[int] = []                                     # each step's token row (-1: a prefill step)
+def lookup_moves(tr: Traces, steps: list, slots: int, horizon: int = 4) -> int:
+    """The store's token lookup (engine/experts/lookup.py's TokenLookup itself) replayed: each prompt a new sequence,
+    its prefill one pass and each generated token one; a miss evicts the unselected resident TokenLookup.score ranks
+    first (predicted furthest ahead, then selected least), or is computed where it lies if it ranks no lower."""
+    look = TokenLookup(tr.n_layer, tr.n_expert, horizon)
+    passes: list[np.ndarray] = []                              # each step's pass: its rows (token ids, routing)
     for i in range(tr.n_prompts):
-        row_of += [-1] * L + [r for r in range(tr.rows(i, "decode").start, tr.rows(i, "decode").stop) for _ in range(L)]
-    count = np.zeros((L, E))
-    last: dict[int, int] = {}                                  # token -> its latest row whose every layer ran
-    ahead = np.full((2, L, E), np.inf)                         # first predicted token (j >= 0, j >= 1)
-    now = [0]
+        pre, dec = tr.rows(i, "prefill"), tr.rows(i, "decode")
+        passes += [np.arange(pre.start, pre.stop)] * tr.n_layer
+        passes += [np.array([r]) for r in range(dec.start, dec.stop) for _ in range(tr.n_layer)]
+    order = np.zeros((tr.n_layer, tr.n_expert))
 
     def observe(s: int, pre: bool, keys: list) -> None:
-        i, r = steps[s][0], row_of[s]
-        layer = keys[0][0] if keys else 0
-        now[0] = layer
-        if layer == 0 and not pre:
-            count[:] *= decay
-            ahead[:] = np.inf
-            p, end, j = last.get(tokens[r]), tr.offsets, 0
-            first = p
-            while p is not None and j < horizon:
-                for ll in range(L):
-                    for e in tr.experts[p, ll].tolist():
-                        ahead[0, ll, e] = min(ahead[0, ll, e], j)
-                        if j >= 1:
-                            ahead[1, ll, e] = min(ahead[1, ll, e], j)
-                q = p + 1                                     # the prompt's next row if it ran, past the present round again
-                p = q if q < r and q < end[np.searchsorted(end, p, side="right")] else first if q == r else None
-                j += 1
-        for k in keys:
-            count[k] += 1
-        if layer == L - 1:
-            for q in (range(tr.rows(i, "prefill").start, tr.rows(i, "prefill").stop) if pre else (r,)):
-                last[tokens[q]] = q
-
-    def score(k: tuple[int, int]) -> float:
-        j = ahead[0 if k[0] > now[0] else 1, k[0], k[1]]
-        return ((j * L + k[0] - now[0]) * 1e6 if np.isfinite(j) else 1e12) - count[k]
-    return _bypass_moves(steps, slots, observe, lambda s: (), score)
+        rows, layer = passes[s], s % tr.n_layer                 # every pass is one step a layer
+        if layer == 0:
+            if pre:
+                look.new_sequence()
+            look.begin(tr.tokens[rows], None)
+        look.record(layer, tr.experts[rows, layer].astype(np.int64))
+        order[:] = look.score(layer)
+    return _bypass_moves(steps, slots, observe, lambda s: (), lambda k: order[k])
 
 
 def bounds(tr: Traces, slots: int) -> dict[str, float]:

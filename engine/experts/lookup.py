@@ -3,8 +3,9 @@
 Prompt-lookup decoding (Saxena 2023; llama.cpp's `llama-lookup`) drafts the next tokens by finding the current
 token earlier in the text. Here the earlier occurrence's routing is the prediction: the layers the current token
 has still to run select what the same token selected last time, and the next `horizon - 1` tokens what followed
-it (in the same sequence: each position links to its sequence's next). The store then evicts the resident expert predicted to be selected furthest ahead (Belady's MIN on the
-prediction; without one, the expert selected least, counts decayed per generated token), and computes a miss
+it (in the same sequence: each position links to its sequence's next). The store then evicts the resident expert
+predicted to be selected furthest ahead (Belady's MIN on the prediction; without one, the expert selected least,
+counts decayed per generated token), and computes a miss
 where it lies when it is predicted later than every candidate. The history is the last CAPACITY tokens the store
 saw, of every sequence (a token's routing, in the early layers above all, follows the token more than its text),
 and a batch's sequences each predict for themselves: an expert counts as needed at the nearest of their predictions.
@@ -25,10 +26,11 @@ class TokenLookup:
 
     def __init__(self, n_layer: int, n_expert: int, horizon: int, decay: float = 0.95,
                  capacity: int = CAPACITY) -> None:
-        self.n_layer, self.n_expert, self.horizon, self.decay, self.capacity = n_layer, n_expert, horizon, decay, capacity
+        self.n_layer, self.n_expert, self.horizon = n_layer, n_expert, horizon
+        self.decay, self.capacity = decay, capacity
         self.count = np.zeros((n_layer, n_expert))              # selections, decayed per generated token
-        self._hist: np.ndarray | None = None                    # (capacity, L, k) each token's experts (made at first use)
-        self._next = np.full(capacity, -1, np.int64)            # the position after each, in its sequence (-1: none yet)
+        self._hist: np.ndarray | None = None                    # (capacity, L, k) each token's experts (at first use)
+        self._next = np.full(capacity, -1, np.int64)            # the position after each in its sequence (-1: none)
         self._n = 0                                             # tokens recorded (whose every layer ran)
         self._last: dict[int, int] = {}                         # token id -> its latest position
         self._tail: dict[int, int] = {}                         # sequence -> its latest position
@@ -105,7 +107,8 @@ class TokenLookup:
         return out
 
     def _predict(self, walks: list[list[int]]) -> None:
-        """Each walk's rows predict its token (j = 0) and the tokens after it (j = 1, ...); the nearest of all stands."""
+        """Each walk's rows predict its token (j = 0) and the tokens after it (j = 1, ...); the nearest of all
+        stands."""
         if not walks:
             return
         pos = np.array([p for w in walks for p in w]) % self.capacity
