@@ -57,7 +57,7 @@ if engine.startswith("hotcold"):
     res.update(held=held, budget=budget)
     opts = dict(ram_budget=budget) if engine == "hotcold" else {}
     m = Model(path, n_ctx=prompt_n + n_decode + 8, n_batch=64, verbose=True, **opts)
-    res["plan"] = m.plan.describe(sum(len(l) for l in m.model.experts.experts)) if m.plan else "no budget"
+    res["plan"] = m.plan.describe(sum(len(l) for l in m.model.file_experts)) if m.plan else "no budget"
     res["after_load"] = usage()
     m.reset_expert_stats()
     r0 = read_bytes()

@@ -120,7 +120,7 @@ class Model:
             self.file.prefault()   # page faults at load, not during the first tokens (llama.cpp copies at load)
         self.metadata: dict[str, Any] = self.file.metadata
         self.gpu = None
-        self.model = Transformer.load(self.file, self._backend(opt))
+        self.model = Transformer.load(self.file, self._backend(opt), place_experts=self._repack_experts(opt))
         n_ctx = opt.n_ctx or min(self.model.cfg.n_ctx_train, DEFAULT_CTX)   # llama.cpp's -c 0: the model's
         if n_ctx > self.model.cfg.n_ctx_train:   # llama.cpp's llama_context warns the same
             log.warning("n_ctx=%d is more than the %d tokens %s was trained on: expect worse text past that",
@@ -204,14 +204,25 @@ class Model:
                  and "_gate_inp" not in t.name]                                  # routers: small_matmul
         embd = self.file.tensors.get("token_embd.weight")
         args = (types, embd.qtype if embd is not None else QType.F32, opt.type_k == CacheType.F16)
-        self._precompile = precompile.signatures(*args, store=opt.residency)
+        self._precompile = precompile.signatures(*args, store=opt.residency, repack=not opt.no_repack)
         if not kernels_uncached() or numba.config.NUMBA_NUM_THREADS < 2:
             return None
-        return precompile.start(*args)
+        return precompile.start(*args, repack=not opt.no_repack)
+
+    def _repack_experts(self, opt: Options) -> bool:
+        """Whether the plain store's experts are interleaved at load: with no expert store (every expert then stays
+        resident) and room for the copy; a store's arena holds its own copies."""
+        if opt.no_repack or opt.residency:
+            return False
+        if self.file.size > 0.5 * available_memory():
+            log.info("experts kept as the file lays them out: interleaving them would copy %.1f GiB",
+                     self.file.size / 2**30)
+            return False
+        return True
 
     def _backend(self, opt: Options) -> Backend:
         if opt.device != Device.CUDA:
-            return CpuBackend(batch_invariant=opt.n_seq_max > 1)
+            return CpuBackend(batch_invariant=opt.n_seq_max > 1, repack=not opt.no_repack)
         from .cuda.backend import CudaBackend  # numba.cuda is only needed on this path
         from .cuda.memory import Gpu
         self.gpu = Gpu(opt.vram_budget.nbytes if opt.vram_budget is not None else None)
@@ -227,7 +238,7 @@ class Model:
         if opt.miss != MissMode.HOT or opt.cold_path is not None:
             self.cold_file = open_cold(self.file, opt.cold_path or cold_path_for(self.path))
             cold = cold_experts(self.cold_file, self.model.cfg.n_layer)
-        cache = self.model.backend.expert_cache(self.model.experts.experts, opt, cold, self.ctx)
+        cache = self.model.backend.expert_cache(self.model.file_experts, opt, cold, self.ctx)
         if self.verbose and cache.miss_cost is not None:
             c = cache.miss_cost
             print(f"cold miss cost: GPU {c.gpu_s[0] * 1e3:.3f}/{c.gpu_s[1] * 1e3:.3f} ms, CPU {c.cpu_s[0] * 1e3:.3f}/"
@@ -274,7 +285,7 @@ class Model:
         """Under a RAM budget: experts read from disk into the hot arena, cold copies resident or read from disk,
         split by the planner (experts/planner.py)."""
         budget = self._ram_bytes(opt)
-        hot = self.model.experts.experts
+        hot = self.model.file_experts
         cold_layouts = None
         if opt.miss != MissMode.HOT or opt.cold_path is not None:
             self.cold_file = open_cold(self.file, opt.cold_path or cold_path_for(self.path), random_access=True)
@@ -301,16 +312,19 @@ class Model:
                 "buffers": owned_bytes(ctx.state, ctx.rope_cos, ctx.rope_sin, ctx.pos, ctx.seq)}
 
     def memory(self) -> dict[str, int]:
-        """Bytes of host memory by part: dense, kv_cache, buffers (see _fixed_memory), hot_arena, cold (the
+        """Bytes of host memory by part: dense, kv_cache, buffers (see _fixed_memory), hot_arena, experts (the
+        plain store's interleaved copies, engine/weights.py interleaved), cold (the
         resident cold copies, or the ring they are read into), page_cache (expert bytes of the model's files in
         the page cache now: under a RAM budget only what the reads could not drop), and their total."""
         parts = self._fixed_memory()
         cache = self.cache
         parts["hot_arena"] = cache.arena.buf.nbytes if cache is not None and self.gpu is None else 0
+        plain = self.model.experts.experts
+        parts["experts"] = owned_bytes(plain) if plain is not self.model.file_experts else 0   # interleaved copies
         cold = cache.cold if cache is not None else None
         parts["cold"] = (self._cold_buf.nbytes if self._cold_buf is not None
                          else cold.nbytes if isinstance(cold, StagedCold) else 0)
-        files = [(self.file, self.model.experts.experts)]
+        files = [(self.file, self.model.file_experts)]
         if cache is not None and cold is not None and getattr(self, "cold_file", None) is not None:
             files.append((self.cold_file, cold.disk.layouts if isinstance(cold, StagedCold) else
                           cold_experts(self.cold_file, self.model.cfg.n_layer)))

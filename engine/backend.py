@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numba
 import numpy as np
 
-from hotcold.quant import QType, dequantize_rows, int8
+from hotcold.quant import QType, dequantize_rows, int8, repack
 from hotcold.quant.kernels import MATMUL, MATVEC
 
 from . import kernels
@@ -25,7 +25,7 @@ from .config import Activation, CacheType
 from .experts.arena import ram_arena
 from .experts.cache import ExpertCache
 from .experts.expert import Expert, Filling, Ready
-from .weights import QMatrix
+from .weights import Layout, QMatrix, interleaved
 
 if TYPE_CHECKING:
     from .context import Context, FFNScratch, RunState
@@ -210,13 +210,15 @@ class CpuBackend(Backend):
     sums in a fixed order) and, for the integer products (int8.KERNELS), whatever the batch. The float products
     (F16, F32, BF16 and the types without an integer kernel) sum one row differently from several; with
     `batch_invariant` one row takes the several-row kernel too, so a row's result never depends on the batch
-    (the batch engine's promise, at some decode speed for those types)."""
+    (the batch engine's promise, at some decode speed for those types). With `repack`, placed Q4_K matrices are
+    interleaved by eights (quant/repack.py, as llama.cpp's CPU repack): the same bits, faster products."""
 
     host_memory = True
 
-    def __init__(self, batch_invariant: bool = False) -> None:
+    def __init__(self, batch_invariant: bool = False, repack: bool = False) -> None:
         self.host = self
         self.batch_invariant = batch_invariant
+        self.repack = repack
 
     def empty(self, shape: tuple[int, ...] | int, dtype: Any = np.float32, what: str = "activations") -> np.ndarray:
         return np.zeros(shape, dtype=dtype)   # calloc: pages are touched only when used
@@ -246,6 +248,12 @@ class CpuBackend(Backend):
         return np.zeros(shape, dtype=np.uint16 if kind is CacheType.F16 else np.float32)   # fp16 as its bits
 
     def place(self, value: Any) -> Any:
+        if not self.repack:
+            return value
+        if isinstance(value, QMatrix):
+            return interleaved(value)
+        if type(value) is Expert:
+            return Expert(interleaved(value.gate), interleaved(value.up), interleaved(value.down), value.ready)
         return value
 
     def embed(self, table: QMatrix, ids: np.ndarray, host: np.ndarray, out: np.ndarray) -> None:
@@ -253,6 +261,9 @@ class CpuBackend(Backend):
 
     def matmul(self, w: QMatrix, x: Any, out: np.ndarray) -> None:
         if isinstance(x, int8.Acts):
+            if w.layout is Layout.X8:
+                repack.product(w.kernel_view, x, out)                        # interleaved rows (quant/repack.py)
+                return
             if w.qtype in int8.KERNELS:
                 int8.product(w.kernel_view, w.qtype, x, out)                 # integer dot products
                 return
@@ -310,6 +321,12 @@ class CpuBackend(Backend):
 
     def glu(self, e: Expert, x: Any, scratch: "FFNScratch", out: np.ndarray, act: Activation) -> None:
         t = e.gate.qtype
+        if act is Activation.SILU and isinstance(x, int8.Acts) and e.gate.layout is Layout.X8 \
+                and e.up.layout is Layout.X8:
+            g, u = scratch.ff(x.rows, e.gate.rows)
+            repack.swiglu_product(e.gate.kernel_view, e.up.kernel_view, x, g, u)   # (n, n_ff)
+            self.matmul(e.down, self.acts(g, scratch.g_acts), out)                 # (n, n_embd)
+            return
         if act is Activation.SILU and isinstance(x, int8.Acts) and x.rows <= int8.FEW and e.up.qtype == t \
                 and t in int8.GLU:
             g, u = scratch.ff(x.rows, e.gate.rows)

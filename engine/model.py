@@ -86,14 +86,17 @@ class Transformer:
     """A model's weights on one backend: immutable and shared by every Context made from it."""
 
     def __init__(self, cfg: ModelConfig, blocks: Sequence[Block], token_embd: QMatrix, output_norm: np.ndarray,
-                 output: QMatrix, backend: Backend | None = None) -> None:
+                 output: QMatrix, backend: Backend | None = None, place_experts: bool = False) -> None:
         self.cfg = cfg
         self.backend = be = backend or CpuBackend()
         self.token_embd = token_embd                                 # looked up on the host
         self.host_routers: list[QMatrix | None] = [b.ffn_gate_inp for b in blocks]  # prefetch runs there
-        # the file's experts, read where they lie: the plain store, and the source every other store copies from
-        self.experts = MmapExperts(mmap_experts([(b.ffn_gate_exps, b.ffn_up_exps, b.ffn_down_exps)
-                                                 if b.ffn_gate_exps is not None else None for b in blocks]))
+        # the file's experts, read where they lie: the source every expert store copies from; the plain store
+        # serves them, or with place_experts the backend's copies of them (a CPU backend's interleaved Q4_K)
+        self.file_experts = mmap_experts([(b.ffn_gate_exps, b.ffn_up_exps, b.ffn_down_exps)
+                                          if b.ffn_gate_exps is not None else None for b in blocks])
+        self.experts = MmapExperts([[be.place(e) for e in layer] for layer in self.file_experts] if place_experts
+                                   else self.file_experts)
         self.n_ff = max([b.ffn_gate_exps.rows for b in blocks if b.ffn_gate_exps is not None]
                         + [e.gate.rows for b in blocks for e in (b.ffn, b.shexp) if e is not None] + [1])
         self.blocks = [be.place_fields(b) for b in blocks]
@@ -101,12 +104,12 @@ class Transformer:
         self.output = be.place(output)
 
     @classmethod
-    def load(cls, f: GGUFFile, backend: Backend | None = None) -> "Transformer":
+    def load(cls, f: GGUFFile, backend: Backend | None = None, place_experts: bool = False) -> "Transformer":
         cfg = ModelConfig.from_gguf(f)
         w = WeightReader(f)
         embd = w.matrix("token_embd.weight")
         output = w.matrix("output.weight") if w.has("output.weight") else embd   # tied embeddings
-        return cls(cfg, load_blocks(cfg, w), embd, w.vector("output_norm.weight"), output, backend)
+        return cls(cfg, load_blocks(cfg, w), embd, w.vector("output_norm.weight"), output, backend, place_experts)
 
     def context(self, n_ctx: int, n_batch: int = 512, experts: ExpertStore | None = None,
                 type_k: CacheType = CacheType.F16, type_v: CacheType = CacheType.F16,

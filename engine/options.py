@@ -89,6 +89,10 @@ class Options:
                                parse=_enum(CacheType, "cache type"), choices=CacheType)
     seed: int | None = option(None, "-s", "--seed", help="random seed (default: random)",
                               parse=lambda v: None if v is None else int(v), cli=int)
+    no_repack: bool = option(False, "-nr", "--no-repack", help="compute with Q4_K weights as the file lays them out "
+                             "(default: resident Q4_K matrices are interleaved by eights at load, as llama.cpp "
+                             "repacks them: faster products, bit-identical results, a copy in memory)", parse=bool,
+                             cli=None)
     verbose: bool = option(False, "-v", "--verbose", help="print load time and prompt/decode speed to stderr",
                            parse=bool, cli=None)
     expert_budget: Budget | None = option(

@@ -2,31 +2,48 @@
 small float vectors (norms, biases). Immutable: a backend (engine/backend.py) computes with them."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
 
-from hotcold.quant import QType, dequantize
+from hotcold.quant import QType, dequantize, repack
 from hotcold.quant.kernels import prepare_weights
 
 from .gguf_file import GGUFError, GGUFFile
 
 
+class Layout(enum.Enum):
+    """How a matrix's blocks lie in memory: as the GGUF file has them, a row after another, or eight rows
+    interleaved (quant/repack.py: Q4_K as llama.cpp repacks it for the CPU at load)."""
+    ROWS = "rows"
+    X8 = "x8"
+
+
 @dataclass(frozen=True)
 class QMatrix:
     """A (rows, cols) weight matrix stored as `qtype` rows, used as X @ W.T by the quant kernels."""
-    raw: np.ndarray  # uint8 (rows, row_bytes)
+    raw: np.ndarray  # uint8 (rows, row_bytes); Layout.X8: (rows / 8, 8 * row_bytes + unpacked scales)
     qtype: QType
     rows: int
     cols: int
+    layout: Layout = Layout.ROWS
 
     def __post_init__(self) -> None:
         # validated once here, so the backend calls the kernels directly (no per-call checks or copies)
-        object.__setattr__(self, "kernel_view", prepare_weights(self.raw, self.qtype, self.cols))
+        view = self.raw if self.layout is Layout.X8 else prepare_weights(self.raw, self.qtype, self.cols)
+        object.__setattr__(self, "kernel_view", view)
 
     @property
     def nbytes(self) -> int:
         return self.raw.nbytes
+
+
+def interleaved(m: QMatrix) -> QMatrix:
+    """m with its rows interleaved by eights (a copy, in memory) where quant/repack.py has kernels for it, else m."""
+    if m.layout is Layout.X8 or not repack.can_repack(m.qtype, m.rows):
+        return m
+    return QMatrix(repack.repack(m.raw), m.qtype, m.rows, m.cols, Layout.X8)
 
 
 @dataclass(frozen=True)

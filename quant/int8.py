@@ -43,7 +43,8 @@ class Acts:
         self.q8k = np.zeros((n_rows, n), np.int8)
         self.q8k_d = np.zeros((n_rows, max(n // 256, 1)), np.float32)
         self.q8k_b16 = np.zeros((n_rows, max(n // 16, 1)), np.int32)
-        self.q8k_m = np.zeros((n_rows, max(n // 32, 1)), np.float32)   # d * sums per 32: Q4_K/Q5_K's mins multiply
+        self.q8k_m = np.zeros((n_rows, max(n // 32, 1)), np.float32)   # d * sums per 32: Q5_K's mins multiply
+        self.q8k_b32 = np.zeros((n_rows, max(n // 32, 1)), np.int16)    # sums per 32: Q4_K's mins multiply
         self.q8kt = np.zeros((n_rows, n), np.int8)                       # q8k in simd.Q8K_ORDER: Q4_K/Q5_K's
         self.q80 = np.zeros((n_rows, n), np.int8)
         self.q80_d = np.zeros((n_rows, max(n // 32, 1)), np.float32)
@@ -52,7 +53,7 @@ class Acts:
         self.rows = 0
         self.have_q8k = self.have_q80 = False
         # the kernels' operands for each weight type, made with the form (row views, not per product)
-        self._forms: dict[QType, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._forms: dict[QType | None, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}   # None: interleaved Q4_K
 
     def bind(self, x: np.ndarray) -> "Acts":
         """Use float32 x (rows, n), C-contiguous; forms are remade when asked for."""
@@ -64,26 +65,32 @@ class Acts:
     def need(self, fmt: QType) -> None:
         if fmt == QType.Q8_K and not self.have_q8k:
             r = self.rows
-            quantize_q8_k(self.x, self.q8k[:r], self.q8kt[:r], self.q8k_d[:r], self.q8k_b16[:r], self.q8k_m[:r])
+            quantize_q8_k(self.x, self.q8k[:r], self.q8kt[:r], self.q8k_d[:r], self.q8k_b16[:r], self.q8k_m[:r],
+                          self.q8k_b32[:r])
             self.have_q8k = True
         elif fmt == QType.Q8_0 and not self.have_q80:
             r = self.rows
             quantize_q8_0(self.x, self.q80[:r], self.q80_d[:r], self.q80_s[:r])
             self.have_q80 = True
 
-    def operands(self, qtype: QType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(quants, scales, sums) that `qtype`'s kernels read, quantizing on first use."""
-        ops = self._forms.get(qtype)
+    def operands(self, qtype: QType, interleaved: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(quants, scales, sums) that `qtype`'s kernels read (`interleaved`: quant/repack.py's), quantizing on
+        first use."""
+        ops = self._forms.get(None if interleaved else qtype)
         if ops is None:
             fmt, r = KERNELS[qtype][0], self.rows
             self.need(fmt)
-            if fmt == QType.Q8_K and qtype in (QType.Q4_K, QType.Q5_K):
+            if interleaved:
+                ops = self.q8k[:r], self.q8k_d[:r], self.q8k_b32[:r]
+            elif qtype == QType.Q4_K:
+                ops = self.q8kt[:r], self.q8k_d[:r], self.q8k_b32[:r]
+            elif qtype == QType.Q5_K:
                 ops = self.q8kt[:r], self.q8k_d[:r], self.q8k_m[:r]
             elif fmt == QType.Q8_K:
                 ops = self.q8k[:r], self.q8k_d[:r], self.q8k_b16[:r]
             else:
                 ops = self.q80[:r], self.q80_d[:r], self.q80_s[:r]
-            self._forms[qtype] = ops
+            self._forms[None if interleaved else qtype] = ops
         return ops
 
 
@@ -93,11 +100,12 @@ _ORDER4 = np.array(simd.Q8K_ORDER[::4], dtype=np.int64) // 4   # Q8K_ORDER moves
 
 
 @njit(cache=True)
-def quantize_q8_k(x: np.ndarray, q: np.ndarray, qt: np.ndarray, d: np.ndarray, b16: np.ndarray, m: np.ndarray) -> None:
+def quantize_q8_k(x: np.ndarray, q: np.ndarray, qt: np.ndarray, d: np.ndarray, b16: np.ndarray, m: np.ndarray,
+                  b32: np.ndarray) -> None:
     """Rows of x (T, n) to Q8_K as quantize_row_q8_K: per 256 block iscale = -127 / (the value of largest
     magnitude, the first on ties), q = min(127, nearest_int(iscale * x)), d = 1 / iscale; plus sums per 16 quants,
-    and d times the sums per 32 in float32 (m: the Q4_K and Q5_K blocks' mins term is then one FMA a row,
-    quant/simd.py); qt: q in simd.Q8K_ORDER within each block (the Q4_K and Q5_K blocks' order). Each step is a
+    d times the sums per 32 in float32 (m: the Q5_K blocks' mins term is then one FMA a row, quant/simd.py), the
+    sums per 32 as int16 (b32: Q4_K's mins term, in integers); qt: q in simd.Q8K_ORDER within each block (the Q4_K and Q5_K blocks' order). Each step is a
     loop of its own, so that LLVM vectorises it (the magnitudes compared as the integers of their bits, whose order
     is theirs)."""
     xi = x.view(np.int32)
@@ -120,6 +128,7 @@ def quantize_q8_k(x: np.ndarray, q: np.ndarray, qt: np.ndarray, d: np.ndarray, b
                     b16[t, k * 16 + j] = 0
                 for j in range(8):
                     m[t, k * 8 + j] = 0
+                    b32[t, k * 8 + j] = 0
                 for j in range(256):
                     qt[t, s + j] = 0
                 d[t, k] = 0
@@ -135,6 +144,7 @@ def quantize_q8_k(x: np.ndarray, q: np.ndarray, qt: np.ndarray, d: np.ndarray, b
             d[t, k] = F32(1.0) / iscale
             for j in range(8):
                 m[t, k * 8 + j] = d[t, k] * F32(b16[t, k * 16 + 2 * j] + b16[t, k * 16 + 2 * j + 1])
+                b32[t, k * 8 + j] = b16[t, k * 16 + 2 * j] + b16[t, k * 16 + 2 * j + 1]
             for j in range(64):
                 qt4[t, k * 64 + j] = q4[t, k * 64 + _ORDER4[j]]
 
@@ -457,8 +467,9 @@ KERNELS: dict[QType, Kernels] = {
 } if simd.AVAILABLE else {}
 
 def sums_dtype(qtype: QType) -> type:
-    """The dtype of the sums `qtype`'s kernels take (the third operand): Q4_K and Q5_K's are float32 (Acts.q8k_m)."""
-    return np.float32 if qtype in (QType.Q4_K, QType.Q5_K) else np.int32
+    """The dtype of the sums `qtype`'s kernels take (the third operand): Q5_K's are float32 (Acts.q8k_m), Q4_K's
+    int16 (Acts.q8k_b32)."""
+    return {QType.Q5_K: np.float32, QType.Q4_K: np.int16}.get(qtype, np.int32)
 
 
 # weight type -> the kernel for SwiGLU's gate and up against one row

@@ -217,14 +217,35 @@ def _k4_transposed(builder: ir.IRBuilder, wd: Any, wo: Any, qs0: int, five: bool
     return even + odd
 
 
+def _two_sums(builder: ir.IRBuilder, a: Any, b: Any) -> tuple[Any, Any]:
+    """The sums of a's and of b's 8 int32 lanes (exact, in any order), as float32: one shuffle tree for both."""
+    s = builder.add(_sv(builder, a, b, [0, 1, 2, 3, 8, 9, 10, 11]), _sv(builder, a, b, [4, 5, 6, 7, 12, 13, 14, 15]))
+    s = builder.add(s, _sv(builder, s, s, [2, 3, 0, 1, 6, 7, 4, 5]))
+    s = builder.add(s, _sv(builder, s, s, [1, 0, 3, 2, 5, 4, 7, 6]))
+    f = builder.sitofp(s, _F8)
+    return builder.extract_element(f, ir.Constant(_I32, 0)), builder.extract_element(f, ir.Constant(_I32, 4))
+
+
+def _accumulate_k4(builder: ir.IRBuilder, fa: Any, fo: Any, isum: Any, msum: Any, dx: Any, d: Any, dmin: Any) -> Any:
+    """accf[fo] = fma(msum, -(dx * dmin), fma(isum, dx * d, accf[fo])): a Q4_K block's two integer totals (as
+    float32) for one weight row and one activation row, scaled as every Q4_K kernel does (the interleaved ones
+    with a weight row per lane, quant/repack.py), so that a row's result is the same bits whichever computed it."""
+    pf = builder.gep(fa, [fo])
+    fma = _fn(builder, "llvm.fma.f32", _F32, [_F32, _F32, _F32])
+    r = builder.call(fma, [isum, builder.fmul(dx, d), builder.load(pf, align=4)])
+    r = builder.call(fma, [msum, builder.fneg(builder.fmul(dx, dmin)), r])
+    builder.store(r, pf, align=4)
+
+
 def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
     """Q4_K (or Q5_K, five=True) blocks against Q8_K activations in Q8K_ORDER: scales, mins and quants decoded once
     into registers, transposed so that each int32 lane of a vpdpbusd accumulates one sub-block, then dotted with
     each of ntok activation rows. Per row that leaves eight vpdpbusd, one pack of the sixteen sub-block sums to
     int16 (|sum| <= 16 * 15 * 127, or 8 * 31 * 127 for Q5_K, whose four vectors a side pack in two halves) and
     one scaled madd, where a sub-block per vector takes four packs and four madds a row (bench/int8_rows.py gives
-    the rates). The sums the mins multiply come as float32, d times each 32 quants' sum (int8.quantize_q8_k's m), so
-    that a row's mins term is one FMA with the block's -dmin * mins."""
+    the rates). Q4_K: the sums the mins multiply are int16 sums per 32 (int8.quantize_q8_k's b32), and a row's
+    block ends in two integer totals scaled as the interleaved kernels scale them (_accumulate_k4); Q5_K: they come
+    as float32, d times each 32 quants' sum (m), so that a row's mins term is one FMA with -dmin * mins."""
     qs0 = 48 if five else 16                                          # Q5_K: qh[32] sits before qs
     halves = 2 if five else 1
 
@@ -243,7 +264,6 @@ def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
                                             ir.Constant(ir.VectorType(_I32, 16), [0, 2, 4, 6, 1, 3, 5, 7] * 2))
             mins = builder.zext(builder.bitcast(mn, ir.VectorType(_I8, 8)), _D8)
             dw, dminw = _f16_pair(builder, wd, wo_v)
-            mscaled = builder.fmul(builder.uitofp(mins, _F8), _splat(builder, _F8, builder.fneg(dminw)))   # -dmin * mins
             quants = _k4_transposed(builder, wd, wo_v, qs0, five)
             zero = ir.Constant(_D8, [0] * 8)
             per = 4 // halves                                        # vectors a side per pack
@@ -261,6 +281,12 @@ def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
                     total = _madd_acc(builder, total, _pack(builder, sides[0], sides[1]), scales)
                 bt = _row(builder, bo_v, bs_v, t)
                 dx = _load_at(builder, dd, _row(builder, do_v, ds_v, t), _F32, 4)
+                if not five:
+                    b32 = builder.sext(_load_at(builder, bd, bt, ir.VectorType(_I16, 8), 2), _D8)
+                    _accumulate_k4(builder, fa, builder.add(fo_v, ir.Constant(fo_v.type, 8 * t)),
+                                   *_two_sums(builder, total, builder.mul(mins, b32)), dx, dw, dminw)
+                    continue
+                mscaled = builder.fmul(builder.uitofp(mins, _F8), _splat(builder, _F8, builder.fneg(dminw)))
                 pf = builder.bitcast(builder.gep(fa, [builder.add(fo_v, ir.Constant(fo_v.type, 8 * t))]), _F8.as_pointer())
                 r = builder.load(pf, align=4)
                 r = builder.call(_fn(builder, "llvm.fma.v8f32", _F8, [_F8, _F8, _F8]),
@@ -273,14 +299,87 @@ def _make_q4_k_block(ntok: int, five: bool = False) -> Any:
     return q4_k_block
 
 
-# q4_k_block<t>: accf[fo + 8i : +8] += one Q4_K block (bytes wo..) . the Q8_K block of activation row i < t
-# (quants in Q8K_ORDER at qo + i*qs, m, d times the sums per 32, at bo + i*bs, d at do + i*ds). A few-row product
+# q4_k_block<t>: accf[fo + 8i] += one Q4_K block (bytes wo..) . the Q8_K block of activation row i < t (quants in
+# Q8K_ORDER at qo + i*qs, the int16 sums per 32 at bo + i*bs, d at do + i*ds); q5_k_block<t>: accf[fo + 8i : +8],
+# with d times the sums per 32 (float32) for sums, the lanes summed by the caller (hsum). A few-row product
 # (a decode batch) decodes each weight block once for all its rows; each row's arithmetic is the one-row block's,
 # so its result does not depend on the rows beside it.
 q4_k_block1, q4_k_block2, q4_k_block3, q4_k_block4, q4_k_block5, q4_k_block6, q4_k_block7, q4_k_block8 = (
     _make_q4_k_block(t) for t in range(1, ROWS + 1))
 q5_k_block1, q5_k_block2, q5_k_block3, q5_k_block4, q5_k_block5, q5_k_block6, q5_k_block7, q5_k_block8 = (
     _make_q4_k_block(t, five=True) for t in range(1, ROWS + 1))
+
+
+# Q4_K x8 (quant/repack.py): eight weight rows' blocks k interleaved, X8_BYTES per group: d[8], dmin[8] (fp16),
+# the 6-bit scales as bytes sc[8 sub-blocks][8 rows], mins as mn[4 pairs][8 rows][2], then qs as 4 chunks x 8
+# vectors of 32 bytes: vector (c, i) holds, for each row, bytes 4i..4i+3 of that row's 32-byte chunk c.
+X8_SCALES, X8_MINS, X8_QS, X8_BYTES = 32, 96, 160, 1184
+
+
+def _make_q4_k_x8_block(ntok: int) -> Any:
+    """Eight interleaved Q4_K rows' block against ntok Q8_K activation rows (natural order), a weight row per
+    lane: each vpdpbusd takes four quants of each of the eight rows and four activation bytes broadcast, so a
+    sub-block's sums land one per row and are scaled by one vpmulld; the mins are four vpdpwssd. The two
+    integer totals are scaled as _accumulate_k4 does, lane by lane: the same bits as the plain Q4_K block."""
+    @intrinsic
+    def x8_block(typingctx: Any, accf: Any, fo: Any, w: Any, wo: Any, q: Any, qo: Any, qs: Any, b32: Any, bo: Any,
+                 bs: Any, d: Any, do: Any, ds: Any) -> Any:
+        sig = types.void(accf, fo, w, wo, q, qo, qs, b32, bo, bs, d, do, ds)
+
+        def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+            accf_v, fo_v, w_v, wo_v, q_v, qo_v, qs_v, b_v, bo_v, bs_v, d_v, do_v, ds_v = args
+            fa, wd, qd, bd, dd = _block_data(context, builder, sig, args)
+            h8 = ir.VectorType(ir.HalfType(), 8)
+            dw = builder.fpext(builder.bitcast(_load_at(builder, wd, wo_v, ir.VectorType(_I16, 8)), h8), _F8)
+            dmw = builder.fpext(builder.bitcast(_load_at(builder, wd, _plus(builder, wo_v, 16), ir.VectorType(_I16, 8)),
+                                                h8), _F8)
+            rows = [_row(builder, qo_v, qs_v, t) for t in range(ntok)]
+            zero = ir.Constant(_D8, [0] * 8)
+            isum = [zero] * ntok
+            m15 = ir.Constant(_B32, [15] * 32)
+            for c in range(4):
+                raw = [_load_at(builder, wd, _plus(builder, wo_v, X8_QS + 256 * c + 32 * i), _B32) for i in range(8)]
+                for half, shift in ((0, None), (1, ir.Constant(_B32, [4] * 32))):
+                    wq = [builder.and_(r if shift is None else builder.lshr(r, shift), m15) for r in raw]
+                    j = 2 * c + half                                          # the sub-block
+                    sc = builder.zext(_load_at(builder, wd, _plus(builder, wo_v, X8_SCALES + 8 * j),
+                                               ir.VectorType(_I8, 8)), _D8)
+                    for t in range(ntok):
+                        acc = zero
+                        for i in range(8):
+                            x = _load_at(builder, qd, _plus(builder, rows[t], 32 * j + 4 * i), _I32)
+                            acc = _dot_u8s8(builder, acc, wq[i], builder.bitcast(_splat(builder, _D8, x), _B32))
+                        isum[t] = builder.add(isum[t], builder.mul(acc, sc))
+                if ntok > 1:
+                    _fence(builder)
+            mins = [builder.zext(_load_at(builder, wd, _plus(builder, wo_v, X8_MINS + 16 * k), _B16), _W16)
+                    for k in range(4)]
+            fma = _fn(builder, "llvm.fma.v8f32", _F8, [_F8, _F8, _F8])
+            for t in range(ntok):
+                bt = _row(builder, bo_v, bs_v, t)
+                msum = zero
+                for k in range(4):                                            # sums per 32 of sub-blocks 2k, 2k+1
+                    pair = _splat(builder, _D8, _load_at(builder, bd, _plus(builder, bt, 2 * k), _I32, 2))
+                    msum = _madd_acc(builder, msum, mins[k], builder.bitcast(pair, _W16))
+                dx = _splat(builder, _F8, _load_at(builder, dd, _row(builder, do_v, ds_v, t), _F32, 4))
+                pf = builder.bitcast(builder.gep(fa, [builder.add(fo_v, ir.Constant(fo_v.type, 8 * t))]), _F8.as_pointer())
+                r = builder.call(fma, [builder.sitofp(isum[t], _F8), builder.fmul(dx, dw), builder.load(pf, align=4)])
+                r = builder.call(fma, [builder.sitofp(msum, _F8), builder.fneg(builder.fmul(dx, dmw)), r])
+                builder.store(r, pf, align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return x8_block
+
+
+def _fence(builder: ir.IRBuilder) -> None:
+    """An empty asm statement that clobbers memory: no load after it moves above it. Without it LLVM hoists a
+    whole interleaved block's unpacked quants (64 vectors) above the products of several rows, and spills them."""
+    builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", side_effect=True), [])
+
+
+X8_ROWS = 8   # activation rows per pass over an interleaved group
+(q4_k_x8_block1, q4_k_x8_block2, q4_k_x8_block3, q4_k_x8_block4, q4_k_x8_block5, q4_k_x8_block6, q4_k_x8_block7,
+ q4_k_x8_block8) = (_make_q4_k_x8_block(t) for t in range(1, X8_ROWS + 1))
 
 
 def _make_q6_k_block(ntok: int, pairs: bool = VNNI) -> Any:

@@ -28,3 +28,11 @@ def trained_q8(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hotcold.convert import convert
     out = tmp_path_factory.mktemp("trained") / "trained-q8_0.gguf"
     return convert(TRAINED, out, type="q8_0", cold_type="q4_k", progress=False).path
+
+
+@pytest.fixture(scope="session")
+def trained_q4k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models/mixtral-trained at Q4_K (every matrix 256 columns or more: the K-quants' blocks fit)."""
+    from hotcold.convert import convert
+    out = tmp_path_factory.mktemp("trained") / "trained-q4_k.gguf"
+    return convert(TRAINED, out, type="q4_k", progress=False).path

@@ -70,7 +70,7 @@ def _run(model: Transformer, ctx: Context) -> np.ndarray:
 
 
 def _device_cache(model: Transformer, ctx: Context, opt: Options, cold: list | None) -> ExpertCache:
-    ctx.experts = cache = model.backend.expert_cache(model.experts.experts, opt, cold, ctx)
+    ctx.experts = cache = model.backend.expert_cache(model.file_experts, opt, cold, ctx)
     return cache
 
 
@@ -79,7 +79,7 @@ def test_cold_misses_on_either_side_match_the_ram_cache(tmp_path: Path, placemen
     path, cold = _hot_cold(tmp_path)
     opt = Options.parse(expert_budget="50%", miss="cold", prefetch=1, device="cuda", miss_placement=placement)
     cpu, cctx = _cpu_model(path)
-    cctx.experts = ram = ExpertCache(cpu.experts.experts, opt, cold)
+    cctx.experts = ram = ExpertCache(cpu.file_experts, opt, cold)
     dev, dctx, _ = _gpu_model(path)
     vram = _device_cache(dev, dctx, opt, cold)
     _close(_run(dev, dctx), _run(cpu, cctx))
@@ -110,7 +110,7 @@ def test_the_vram_budget_bounds_every_allocation(tmp_path: Path) -> None:
     path, cold = _hot_cold(tmp_path)
     _, _, probe = _gpu_model(path)
     dense = probe.used                                       # dense weights, rope tables, KV cache, buffers
-    slot = _cpu_model(path)[0].experts.experts[0][0].nbytes
+    slot = _cpu_model(path)[0].file_experts[0][0].nbytes
     budget = dense + micro_models.K * max(e.nbytes for layer in cold for e in layer) + 3 * slot + slot // 2
     before = probe.memory_info()
     dev, dctx, gpu = _gpu_model(path, budget)

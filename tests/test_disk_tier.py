@@ -45,7 +45,7 @@ def _fresh(model: Path, tmp: Path) -> Path:
 def _owner(m) -> dict[int, tuple[int, int]]:
     """Read offset -> (layer, expert): a read starts at its extent's offset, or at that offset's page (O_DIRECT)."""
     out = {}
-    for i, layer in enumerate(expert_extents(m.file, m.model.experts.experts)):
+    for i, layer in enumerate(expert_extents(m.file, m.model.file_experts)):
         for e, x in enumerate(layer):
             for off, _ in x:
                 out[off] = out[off - off % 4096] = (i, e)
@@ -157,7 +157,7 @@ def test_expert_bytes_are_read_by_the_reader_only(trained_q8: Path, tmp_path: Pa
     assert set(per_expert.values()) == {3}                            # gate, up, down: once per load
     assert len(per_expert) == s["loads"] and s["disk_reads"] == 3 * s["loads"]
     # no expert page entered the page cache: nothing read them through the map
-    ranges = [x for layer in expert_extents(m.file, m.model.experts.experts) for e in layer for x in e]
+    ranges = [x for layer in expert_extents(m.file, m.model.file_experts) for e in layer for x in e]
     assert m.file.cached_bytes(ranges) <= _shared_pages(m)
     assert s["major_faults"] == 0 or s["major_faults"] < 8
 
@@ -246,7 +246,7 @@ def test_memory_without_a_budget_counts_the_mapped_experts_as_page_cache(trained
     m = _load(trained_q8)
     mem = m.memory()
     assert mem["hot_arena"] == mem["cold"] == 0 and mem["kv_cache"] == m.ctx.kv.k.nbytes + m.ctx.kv.v.nbytes
-    experts = sum(e.nbytes for layer in m.model.experts.experts for e in layer)
+    experts = sum(e.nbytes for layer in m.model.file_experts for e in layer)
     assert experts - _shared_pages(m) <= mem["page_cache"] <= experts + _shared_pages(m)   # prefaulted at load
     assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
 
