@@ -74,9 +74,9 @@ def signatures(weight_types: Iterable[QType], embd: QType, kv_f16: bool, store: 
     if kv_f16:
         theirs += [(kernels.store_f16, (f2, kv)), (kernels.store_kv_f16, (f2, f2, kv, kv, _I64))]
     if repack and QType.Q4_K in weight_types and QType.Q4_K in int8.KERNELS:
-        w, u8 = (_a(_U8, 2, True), _a(_I8, 2), f2, _a(nt.int16, 2), f2), _a(_U8, 2, True)
+        w, u8 = (_a(_U8, 2, True), _a(_I8, 2), f2, _a(nt.int16, 2), f2, _I64), _a(_U8, 2, True)
         mine += [(rp.repack_q4_k, (u8, _a(_U8, 2))), (rp.mv_x8, w),
-                 (rp.mv_glu_x8, (u8, u8, _a(_I8, 2), f2, _a(nt.int16, 2), f2, f2))]
+                 (rp.mv_glu_x8, (u8, u8, _a(_I8, 2), f2, _a(nt.int16, 2), f2, f2, _I64))]
         theirs.append((rp.mm_x8, w))
     glu = [t for t in dict.fromkeys(weight_types) if t in int8.GLU]
     w = _a(_U8, 2, True)

@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import simd
-from .int8 import Acts, _prefetch
+from .int8 import Acts
 from .kernels import _stack
 from .types import QType
 from .vec import silu_mul
@@ -28,7 +28,11 @@ GROUP = 8                    # weight rows per interleaved group
 Q4_K_BYTES = 144             # a plain block
 X8 = simd.X8_BYTES           # eight rows' blocks
 ACC = 8 * simd.X8_ROWS       # accumulator lanes of a pass
-AHEAD = 6144
+# Bytes ahead the kernels prefetch into L2 (prefetcht1) for one activation row and for more (0: none). Scratch A/Bs,
+# settings alternating in one process, 2 threads: a 5-row product of 5632 x 2048 from memory ran at 29 GB/s with
+# 16 KiB into L2 against 21 with int8.PREFETCH's 2 KiB into L1; one stream of a 1 GB Q4_K model (memory-bound) was
+# 14-16% slower with 4-32 KiB than with none.
+AHEAD_ONE, AHEAD_MORE = 0, 16384
 
 
 def can_repack(qtype: QType, rows: int) -> bool:
@@ -73,9 +77,9 @@ HUGE = 2 << 20   # a transparent huge page
 
 
 def _empty(shape: tuple[int, int]) -> np.ndarray:
-    """An uninitialised uint8 array, on transparent huge pages where it spans some (madvise: a stream through a
-    large matrix then misses the TLB once per 2 MiB instead of once per 4 KiB, as the page cache's large folios
-    do for the file's own bytes)."""
+    """An uninitialised uint8 array, on transparent huge pages where it spans some (madvise): a stream through a
+    matrix then crosses a page every 2 MiB instead of every 4 KiB, as the file's bytes do in the page cache's large
+    folios. On 4 KiB pages one stream of a 1 GB model ran at 0.74x of the file's layout (scratch A/B), on these 1.03x."""
     n = shape[0] * shape[1]
     if n < HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.empty(shape, np.uint8)
@@ -96,16 +100,17 @@ def repack(w: np.ndarray) -> np.ndarray:
 
 @njit(cache=True, inline="always")
 def _x8_group(w: np.ndarray, g: int, q: np.ndarray, d: np.ndarray, b: np.ndarray, s: int, rows: int,
-              out: np.ndarray, block: Callable, ahead: bool) -> None:
+              out: np.ndarray, block: Callable, ahead: int) -> None:
     """out[s:s + rows, 8g:8g + 8] = the interleaved group g . activation rows s..s + rows - 1, which `block` takes
-    at once (accumulators at constant offsets: they stay in registers)."""
+    at once (accumulators at constant offsets: they stay in registers); `ahead`: see AHEAD_ONE."""
     nb, gb, n, nbs, nd = w.shape[1] // X8, w.shape[1], q.shape[1], b.shape[1], d.shape[1]
     acc = _stack(ACC, F32)
     for l in range(8 * rows):
         acc[l] = 0
     for k in range(nb):
         if ahead:
-            _prefetch(w, g * gb + k * X8 + AHEAD, X8)
+            for j in range(0, X8, 64):
+                simd.prefetch_l2(w, g * gb + k * X8 + ahead + j)
         block(acc, 0, w, g * gb + k * X8, q, s * n + k * 256, n, b, s * nbs + k * 8, nbs, d, s * nd + k, nd)
     for i in range(rows):
         for r in range(GROUP):
@@ -113,57 +118,60 @@ def _x8_group(w: np.ndarray, g: int, q: np.ndarray, d: np.ndarray, b: np.ndarray
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mv_x8(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+def mv_x8(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray, ahead: int) -> None:
     """out[0] = the interleaved Q4_K w . one activation row (q: Q8_K quants in natural order, d, b: sums per 32)."""
     for g in prange(w.shape[0]):
-        _x8_group(w, g, q, d, b, 0, 1, out, simd.q4_k_x8_block1, False)
+        _x8_group(w, g, q, d, b, 0, 1, out, simd.q4_k_x8_block1, ahead)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def mm_x8(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+def mm_x8(w: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, out: np.ndarray, ahead: int) -> None:
     """out[t] = the interleaved Q4_K w . activation row t for two or more rows: passes of eight rows over each
     group (each block decoded once for them), then one for the rest."""
     T = q.shape[0]
     full, rest = T - T % 8, T % 8
     for g in prange(w.shape[0]):
         for s in range(0, full, 8):
-            _x8_group(w, g, q, d, b, s, 8, out, simd.q4_k_x8_block8, True)
+            _x8_group(w, g, q, d, b, s, 8, out, simd.q4_k_x8_block8, ahead)
         if rest == 2:
-            _x8_group(w, g, q, d, b, full, 2, out, simd.q4_k_x8_block2, False)
+            _x8_group(w, g, q, d, b, full, 2, out, simd.q4_k_x8_block2, ahead)
         elif rest == 3:
-            _x8_group(w, g, q, d, b, full, 3, out, simd.q4_k_x8_block3, False)
+            _x8_group(w, g, q, d, b, full, 3, out, simd.q4_k_x8_block3, ahead)
         elif rest == 4:
-            _x8_group(w, g, q, d, b, full, 4, out, simd.q4_k_x8_block4, False)
+            _x8_group(w, g, q, d, b, full, 4, out, simd.q4_k_x8_block4, ahead)
         elif rest == 5:
-            _x8_group(w, g, q, d, b, full, 5, out, simd.q4_k_x8_block5, False)
+            _x8_group(w, g, q, d, b, full, 5, out, simd.q4_k_x8_block5, ahead)
         elif rest == 6:
-            _x8_group(w, g, q, d, b, full, 6, out, simd.q4_k_x8_block6, False)
+            _x8_group(w, g, q, d, b, full, 6, out, simd.q4_k_x8_block6, ahead)
         elif rest == 7:
-            _x8_group(w, g, q, d, b, full, 7, out, simd.q4_k_x8_block7, False)
+            _x8_group(w, g, q, d, b, full, 7, out, simd.q4_k_x8_block7, ahead)
         elif rest == 1:
-            _x8_group(w, g, q, d, b, full, 1, out, simd.q4_k_x8_block1, False)
+            _x8_group(w, g, q, d, b, full, 1, out, simd.q4_k_x8_block1, ahead)
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def mv_glu_x8(wg: np.ndarray, wu: np.ndarray, q: np.ndarray, d: np.ndarray, b: np.ndarray, g: np.ndarray,
-              u: np.ndarray) -> None:
+              u: np.ndarray, ahead: int) -> None:
     """g = silu(wg . x) * (wu . x) for one activation row, gate and up in one parallel pass."""
     for i in prange(wg.shape[0]):
-        _x8_group(wg, i, q, d, b, 0, 1, g, simd.q4_k_x8_block1, False)
-        _x8_group(wu, i, q, d, b, 0, 1, u, simd.q4_k_x8_block1, False)
+        _x8_group(wg, i, q, d, b, 0, 1, g, simd.q4_k_x8_block1, ahead)
+        _x8_group(wu, i, q, d, b, 0, 1, u, simd.q4_k_x8_block1, ahead)
     silu_mul(g, u)
 
 
 def product(w: np.ndarray, a: Acts, out: np.ndarray) -> None:
     """out (rows_x, rows) = the activations bound to `a` times the interleaved Q4_K w's rows."""
     ops = a.operands(QType.Q4_K, interleaved=True)
-    (mv_x8 if a.rows == 1 else mm_x8)(w, *ops, out)
+    if a.rows == 1:
+        mv_x8(w, *ops, out, AHEAD_ONE)
+    else:
+        mm_x8(w, *ops, out, AHEAD_MORE)
 
 
 def swiglu_product(wg: np.ndarray, wu: np.ndarray, a: Acts, g: np.ndarray, u: np.ndarray) -> None:
     """g = silu(x . wg.T) * (x . wu.T) for the rows bound to `a` (u: room for the up product), interleaved Q4_K."""
     if a.rows == 1:
-        mv_glu_x8(wg, wu, *a.operands(QType.Q4_K, interleaved=True), g, u)
+        mv_glu_x8(wg, wu, *a.operands(QType.Q4_K, interleaved=True), g, u, AHEAD_ONE)
         return
     product(wg, a, g)
     product(wu, a, u)

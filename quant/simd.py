@@ -524,19 +524,24 @@ q4_0_block1, q4_0_block2, q4_0_block3, q4_0_block4, q4_0_block5, q4_0_block6, q4
     _make_legacy_block(t, True) for t in range(1, ROWS + 1))
 
 
-@intrinsic
-def prefetch(typingctx: Any, w: Any, off: Any) -> Any:
-    """Ask for the cache line holding byte `off` of w's data (llvm.prefetch: read, keep in all levels); past the
-    end is harmless (a prefetch never faults)."""
-    sig = types.void(w, off)
+def _make_prefetch(locality: int) -> Any:
+    @intrinsic
+    def prefetch(typingctx: Any, w: Any, off: Any) -> Any:
+        sig = types.void(w, off)
 
-    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        p = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-        fn = _fn(builder, "llvm.prefetch.p0i8", ir.VoidType(), [p.type, _I32, _I32, _I32])
-        builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
-    return sig, codegen
+        def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            p = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+            fn = _fn(builder, "llvm.prefetch.p0i8", ir.VoidType(), [p.type, _I32, _I32, _I32])
+            builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, locality), ir.Constant(_I32, 1)])
+            return context.get_dummy_value()
+        return sig, codegen
+    return prefetch
+
+
+# prefetch(w, off): ask for the cache line holding byte `off` of w's data (llvm.prefetch: read; into L1, or into L2
+# for prefetch_l2: prefetcht1); past the end is harmless (a prefetch never faults).
+prefetch, prefetch_l2 = _make_prefetch(3), _make_prefetch(2)
 
 
 @intrinsic
