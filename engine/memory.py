@@ -2,7 +2,7 @@
 
 Arrays are counted by the memory they own, once however many views reach them; arrays over a map (the
 model file's pages, which the page cache holds, or an anonymous arena) are left to whoever accounts for the
-map.
+map, except quant/repack.py's huge-page buffers, each one array's own.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+
+from hotcold.quant.repack import HugeBuffer
 
 
 def owned_bytes(*roots: Any, depth: int = 6) -> int:
@@ -31,6 +33,11 @@ def owned_bytes(*roots: Any, depth: int = 6) -> int:
             if a.base is None and id(a) not in seen:                 # owns its data (not a map's view)
                 seen.add(id(a))
                 total += a.nbytes
+                return
+            buf = a.base.obj if isinstance(a.base, memoryview) else a.base
+            if isinstance(buf, HugeBuffer) and id(buf) not in seen:     # its own pages, not a file's
+                seen.add(id(buf))
+                total += buf.used
             return
         if isinstance(obj, dict):
             items = list(obj.values())

@@ -76,6 +76,12 @@ def repack_q4_k(w: np.ndarray, out: np.ndarray) -> None:
 HUGE = 2 << 20   # a transparent huge page
 
 
+class HugeBuffer(mmap.mmap):
+    """Private anonymous memory advised onto transparent huge pages; `used`: the bytes the array over it holds
+    (engine/memory.py counts those as the array's own, unlike a file's map)."""
+    used = 0
+
+
 def _empty(shape: tuple[int, int]) -> np.ndarray:
     """An uninitialised uint8 array, on transparent huge pages where it spans some (madvise): a stream through a
     matrix then crosses a page every 2 MiB instead of every 4 KiB, as the file's bytes do in the page cache's large
@@ -83,7 +89,8 @@ def _empty(shape: tuple[int, int]) -> np.ndarray:
     n = shape[0] * shape[1]
     if n < HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.empty(shape, np.uint8)
-    buf = mmap.mmap(-1, n + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # shared would be shmem
+    buf = HugeBuffer(-1, n + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # shared would be shmem
+    buf.used = n
     a = np.frombuffer(buf, np.uint8)
     skip = -a.ctypes.data % HUGE                                   # start on a huge page boundary
     buf.madvise(mmap.MADV_HUGEPAGE, skip, n)

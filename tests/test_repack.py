@@ -10,6 +10,7 @@ import pytest
 from hotcold import Model
 from hotcold.engine.backend import CpuBackend
 from hotcold.engine.gguf_file import GGUFFile
+from hotcold.engine.memory import owned_bytes
 from hotcold.engine.model import Transformer
 from hotcold.engine.weights import Layout, QMatrix, interleaved
 from hotcold.quant import QType, int8, quantize, repack, simd
@@ -121,3 +122,15 @@ def test_model_repacks_unless_told_not_to(trained_q4k: Path) -> None:
         assert (packed > 0) == (opts == {}), opts
         assert (m.model.blocks[0].attn_q.layout is Layout.X8) == ("no_repack" not in opts)
     assert texts[0] == texts[1] == texts[2]
+
+
+def test_interleaved_copies_are_counted_as_owned() -> None:
+    """A copy on huge pages (2 MiB or more) is its own memory in Model.memory()'s accounting, the bytes it holds;
+    the file's map it was made from is not."""
+    rng = np.random.default_rng(3)
+    w = quantize(rng.standard_normal((512, 8192)).astype(np.float32), QType.Q4_K)
+    p = interleaved(QMatrix(w, QType.Q4_K, 512, 8192))
+    assert p.raw.nbytes >= repack.HUGE and isinstance(p.raw.base.base.obj, repack.HugeBuffer)
+    assert owned_bytes(p) == p.raw.nbytes
+    assert owned_bytes([p, p.raw[1:]]) == p.raw.nbytes                # views of it: counted once
+    assert p.raw.ctypes.data % repack.HUGE == 0
