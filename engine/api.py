@@ -24,7 +24,7 @@ import numpy as np
 from gguf import Keys
 
 from hotcold.keys import cold_path_for, predictor_path_for
-from hotcold.quant import QType
+from hotcold.quant import QType, repack
 from hotcold.quant.dequant import dequantize_rows
 
 from .backend import Backend, CpuBackend, finite_extremes
@@ -217,6 +217,9 @@ class Model:
         if self.file.size > 0.5 * available_memory():
             log.info("experts kept as the file lays them out: interleaving them would copy %.1f GiB",
                      self.file.size / 2**30)
+            return False
+        if not repack.huge_pages():   # on 4 KiB pages one stream ran at 0.74x of the file's layout (quant/repack.py)
+            log.info("experts kept as the file lays them out: transparent huge pages are off (%s)", repack.THP)
             return False
         return True
 

@@ -76,6 +76,18 @@ def repack_q4_k(w: np.ndarray, out: np.ndarray) -> None:
 HUGE = 2 << 20   # a transparent huge page
 
 
+THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_pages() -> bool:
+    """Whether this kernel gives transparent huge pages to memory advised onto them ("always" or "madvise")."""
+    try:
+        with open(THP) as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
 class HugeBuffer(mmap.mmap):
     """Private anonymous memory advised onto transparent huge pages; `used`: the bytes the array over it holds
     (engine/memory.py counts those as the array's own, unlike a file's map)."""

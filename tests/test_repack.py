@@ -134,3 +134,19 @@ def test_interleaved_copies_are_counted_as_owned() -> None:
     assert owned_bytes(p) == p.raw.nbytes
     assert owned_bytes([p, p.raw[1:]]) == p.raw.nbytes                # views of it: counted once
     assert p.raw.ctypes.data % repack.HUGE == 0
+
+
+def test_experts_keep_the_file_layout_without_huge_pages(trained_q4k: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    """Where transparent huge pages are off, the experts are not interleaved (on 4 KiB pages one stream decoded
+    slower than from the file); the dense matrices still are. huge_pages reads the kernel's setting."""
+    monkeypatch.setattr(repack, "huge_pages", lambda: False)
+    m = Model(trained_q4k, n_ctx=32, seed=1)
+    assert m.memory()["experts"] == 0 and m.model.blocks[0].attn_q.layout is Layout.X8
+    monkeypatch.undo()
+    for text, on in (("always [madvise] never", True), ("always madvise [never]", False)):
+        (tmp_path / "thp").write_text(text)
+        monkeypatch.setattr(repack, "THP", str(tmp_path / "thp"))
+        assert repack.huge_pages() is on
+    monkeypatch.setattr(repack, "THP", str(tmp_path / "absent"))
+    assert repack.huge_pages() is False
