@@ -58,7 +58,8 @@ def main() -> None:
     for a in downs + gates + [small]:
         a.flags.writeable = False
     nbytes = args.mats * H * row_bytes(t, F)   # the plain type's bytes, repacked or not
-    print(f"\n{t.name}{' repacked' if args.repack else ''}: GB/s of weight bytes, best of {args.reps}; down {H}x{F}, gate/up {F}x{H}, {args.mats} of each\n")
+    label = f"{t.name} repacked" if args.repack else t.name
+    print(f"\n{label}: GB/s of weight bytes, best of {args.reps}; down {H}x{F}, gate/up {F}x{H}, {args.mats} of each\n")
     print("| threads | rows | down | gate+up (SwiGLU) | one row, weights in L2 |")
     print("|---:|---:|---:|---:|---:|")
     for th in args.threads:

@@ -218,7 +218,7 @@ class Model:
             log.info("experts kept as the file lays them out: interleaving them would copy %.1f GiB",
                      self.file.size / 2**30)
             return False
-        if not repack.huge_pages():   # on 4 KiB pages one stream ran at 0.74x of the file's layout (quant/repack.py)
+        if not repack.huge_pages():   # on 4 KiB pages they decode slower than the file's layout (quant/repack.py)
             log.info("experts kept as the file lays them out: transparent huge pages are off (%s)", repack.THP)
             return False
         return True

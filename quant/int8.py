@@ -105,9 +105,9 @@ def quantize_q8_k(x: np.ndarray, q: np.ndarray, qt: np.ndarray, d: np.ndarray, b
     """Rows of x (T, n) to Q8_K as quantize_row_q8_K: per 256 block iscale = -127 / (the value of largest
     magnitude, the first on ties), q = min(127, nearest_int(iscale * x)), d = 1 / iscale; plus sums per 16 quants,
     d times the sums per 32 in float32 (m: the Q5_K blocks' mins term is then one FMA a row, quant/simd.py), the
-    sums per 32 as int16 (b32: Q4_K's mins term, in integers); qt: q in simd.Q8K_ORDER within each block (the Q4_K and Q5_K blocks' order). Each step is a
-    loop of its own, so that LLVM vectorises it (the magnitudes compared as the integers of their bits, whose order
-    is theirs)."""
+    sums per 32 as int16 (b32: Q4_K's mins term, in integers); qt: q in simd.Q8K_ORDER within each block (the
+    Q4_K and Q5_K blocks' order). Each step is a loop of its own, so that LLVM vectorises it (the magnitudes compared
+    as the integers of their bits, whose order is theirs)."""
     xi = x.view(np.int32)
     q4, qt4 = q.view(np.int32), qt.view(np.int32)
     for t in range(x.shape[0]):

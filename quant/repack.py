@@ -28,10 +28,9 @@ GROUP = 8                    # weight rows per interleaved group
 Q4_K_BYTES = 144             # a plain block
 X8 = simd.X8_BYTES           # eight rows' blocks
 ACC = 8 * simd.X8_ROWS       # accumulator lanes of a pass
-# Bytes ahead the kernels prefetch into L2 (prefetcht1) for one activation row and for more (0: none). Scratch A/Bs,
-# settings alternating in one process, 2 threads: a 5-row product of 5632 x 2048 from memory ran at 29 GB/s with
-# 16 KiB into L2 against 21 with int8.PREFETCH's 2 KiB into L1; one stream of a 1 GB Q4_K model (memory-bound) was
-# 14-16% slower with 4-32 KiB than with none.
+# Bytes ahead the kernels prefetch into L2 (prefetcht1) for one activation row and for more (0: none), chosen by
+# alternating settings in one process (issue 15's closing note has the figures): several rows ran fastest 8-32 KiB
+# ahead into L2, well ahead of 2 KiB into L1 (the plain kernels' int8.PREFETCH); one row, memory-bound, lost with any.
 AHEAD_ONE, AHEAD_MORE = 0, 16384
 
 
@@ -97,7 +96,7 @@ class HugeBuffer(mmap.mmap):
 def _empty(shape: tuple[int, int]) -> np.ndarray:
     """An uninitialised uint8 array, on transparent huge pages where it spans some (madvise): a stream through a
     matrix then crosses a page every 2 MiB instead of every 4 KiB, as the file's bytes do in the page cache's large
-    folios. On 4 KiB pages one stream of a 1 GB model ran at 0.74x of the file's layout (scratch A/B), on these 1.03x."""
+    folios (on 4 KiB pages the interleaved experts decoded one stream slower than the file's layout)."""
     n = shape[0] * shape[1]
     if n < HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.empty(shape, np.uint8)

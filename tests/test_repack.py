@@ -138,8 +138,8 @@ def test_interleaved_copies_are_counted_as_owned() -> None:
 
 def test_experts_keep_the_file_layout_without_huge_pages(trained_q4k: Path, monkeypatch: pytest.MonkeyPatch,
                                                          tmp_path: Path) -> None:
-    """Where transparent huge pages are off, the experts are not interleaved (on 4 KiB pages one stream decoded
-    slower than from the file); the dense matrices still are. huge_pages reads the kernel's setting."""
+    """Where transparent huge pages are off, the experts are not interleaved (on 4 KiB pages they decode slower
+    than the file's layout); the dense matrices still are. huge_pages reads the kernel's setting."""
     monkeypatch.setattr(repack, "huge_pages", lambda: False)
     m = Model(trained_q4k, n_ctx=32, seed=1)
     assert m.memory()["experts"] == 0 and m.model.blocks[0].attn_q.layout is Layout.X8
