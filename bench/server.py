@@ -16,7 +16,7 @@ step computes in a layer (counted after the timing, on 16 more tokens): how many
 share, which sets the memory-bound ceiling of "x 1 stream" (8 random tokens of top-2 of 8 would touch 7.2).
 
     python bench/server.py [--streams 1 2 4 8] [--gb 1.0] [--decode 64] [--reps 3] [--rounds 3] [--threads 2]
-                           [--models trained generated] [--work DIR]
+                           [--models trained generated] [--work DIR] [--no-repack]
 """
 from __future__ import annotations
 
@@ -33,13 +33,14 @@ from decode import _run, bench_models, median  # noqa: E402
 
 _HOTCOLD = r"""
 import json, sys, time
-path, streams, n_prompt, n_decode, threads, budget, rounds = (sys.argv[1], [int(x) for x in sys.argv[2].split(",")],
-    int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], int(sys.argv[7]))
+path, streams, n_prompt, n_decode, threads, budget, rounds, no_repack = (sys.argv[1], [int(x) for x in sys.argv[2].split(",")],
+    int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], int(sys.argv[7]), sys.argv[8] == "1")
 import numpy as np
 from hotcold import Model
 from hotcold.engine.batch import BatchEngine, Request
 from hotcold.engine.sampling import SamplingParams
 opts = {} if budget == "plain" else dict(expert_budget=budget, cache_policy="lru", miss="hot")
+opts["no_repack"] = no_repack
 rng = np.random.default_rng(0)
 
 def engine(n):
@@ -160,12 +161,14 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--models", nargs="+", choices=["trained", "generated"], default=["trained", "generated"])
+    ap.add_argument("--no-repack", action="store_true", help="hotcold with Q4_K as the file lays it out (moe-run -nr)")
     args = ap.parse_args()
     files = {name: path for name, path in bench_models(args.work, args.gb, "hotcold-server-").items()
              if name.split()[0] in args.models}
     print(f"\naggregate decode tokens/s of N greedy sequences ({args.prompt}-token prompts, {args.decode} tokens "
           f"each), {args.threads} threads; hotcold: medians of {args.reps} processes x {args.rounds} rounds alternating "
-          f"the stream counts; llama.cpp: medians of {args.reps} runs, alternating with hotcold's processes\n")
+          f"the stream counts{' (--no-repack)' if args.no_repack else ''}; llama.cpp: medians of {args.reps} runs, "
+          "alternating with hotcold's processes\n")
     print("| model | N | experts / layer | hotcold | x 1 stream | llama.cpp | x 1 stream | ratio | hotcold 25% budget | "
           "25%: MiB moved / token |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -182,7 +185,7 @@ def main() -> None:
                                                         str(args.threads)))[0])
                     continue
                 got = json.loads(_run(_HOTCOLD, str(path), streams, str(args.prompt), str(args.decode),
-                                      str(args.threads), e, str(args.rounds)))
+                                      str(args.threads), e, str(args.rounds), "1" if args.no_repack else "0"))
                 for n in args.streams:
                     hot[e][n] += got["tps"][str(n)]
                     if e == "plain":
